@@ -1,0 +1,99 @@
+"""Registering a backend's loss as ``torch.library`` custom operators.
+
+Every backend exposes each loss family as the same pair of operators, so that
+``torch.compile(fullgraph=True)`` sees one opaque node per loss (no graph break) and
+eager autograd works the same for all backends:
+
+* ``mpt_kernels::<backend>_<family>_forward(<family parameters>) -> (Tensor loss, Tensor[] saved)``
+  returns the reduced loss in the logits' dtype and whatever the backend wants to keep
+  for backward (nothing, per-row statistics, or the gradient computed in the forward);
+* ``mpt_kernels::<backend>_<family>_backward(Tensor grad_loss, Tensor[] saved, <family parameters>) -> Tensor``
+  returns the gradient of the logits. Teachers' logits, targets and ``class_bias`` are
+  constants: they get no gradient.
+
+The parameter list of each family is written once, below, and shared by every backend.
+A backend supplies the real implementations and a fake (meta) forward that produces the
+``saved`` list's shapes; the backward's fake is always ``empty_like(logits)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+LIBRARY_NAME = "mpt_kernels"
+_LIBRARY = torch.library.Library(LIBRARY_NAME, "FRAGMENT")
+
+# The operators' parameters, in the order of the fields of SoftmaxLossArgs and
+# MultiLabelLossArgs (``args.op_args()`` produces them).
+FAMILY_PARAMETERS = {
+    "softmax": (
+        "Tensor logits, Tensor target, Tensor? old_logits, Tensor? new_logits, "
+        "Tensor? class_bias, int num_old_classes, float new_class_bias, "
+        "float label_smoothing, int ignore_index, str kind, float tau, float alpha, "
+        "float beta, str focus, bool scale_by_tau_sq, float ce_weight, float old_weight, "
+        "float new_weight, str reduction"
+    ),
+    "multilabel": (
+        "Tensor logits, Tensor targets, str loss, float lamb, float margin, float gamma, "
+        "float tau, SymInt epoch, SymInt change_epoch, str reduction"
+    ),
+}
+
+
+def define_loss_ops(
+    backend: str,
+    family: str,
+    *,
+    forward: Callable,
+    forward_fake: Callable,
+    backward: Callable,
+    dispatch_key: str = "CompositeExplicitAutograd",
+) -> Callable:
+    """Defines the forward/backward operator pair; returns ``loss(args) -> Tensor``.
+
+    ``forward(*op_args) -> (loss, saved_list)``; ``backward(grad_loss, saved_list,
+    *op_args) -> grad_logits``; ``forward_fake`` mirrors ``forward`` on fake tensors.
+    """
+    params = FAMILY_PARAMETERS[family]
+    forward_name = f"{backend}_{family}_forward"
+    backward_name = f"{backend}_{family}_backward"
+    _LIBRARY.define(f"{forward_name}({params}) -> (Tensor, Tensor[])")
+    _LIBRARY.define(f"{backward_name}(Tensor grad_loss, Tensor[] saved, {params}) -> Tensor")
+    _LIBRARY.impl(forward_name, forward, dispatch_key)
+    _LIBRARY.impl(backward_name, backward, dispatch_key)
+    torch.library.register_fake(f"{LIBRARY_NAME}::{forward_name}", forward_fake, lib=_LIBRARY)
+    torch.library.register_fake(
+        f"{LIBRARY_NAME}::{backward_name}",
+        lambda grad_loss, saved, logits, *rest: torch.empty_like(logits),
+        lib=_LIBRARY,
+    )
+    forward_op = getattr(torch.ops.mpt_kernels, forward_name).default
+    backward_op = getattr(torch.ops.mpt_kernels, backward_name).default
+
+    def setup_context(ctx, inputs, output):
+        tensor_slots = [i for i, value in enumerate(inputs) if isinstance(value, torch.Tensor)]
+        ctx.tensor_slots = tensor_slots
+        ctx.other_inputs = [None if i in tensor_slots else value for i, value in enumerate(inputs)]
+        saved = list(output[1])
+        ctx.num_saved = len(saved)
+        ctx.save_for_backward(*saved, *(inputs[i] for i in tensor_slots))
+
+    def backward_formula(ctx, grad_loss, _grad_saved):
+        tensors = ctx.saved_tensors
+        saved, input_tensors = list(tensors[: ctx.num_saved]), tensors[ctx.num_saved :]
+        inputs = list(ctx.other_inputs)
+        for slot, value in zip(ctx.tensor_slots, input_tensors):
+            inputs[slot] = value
+        grad_logits = backward_op(grad_loss, saved, *inputs)
+        return (grad_logits,) + (None,) * (len(inputs) - 1)
+
+    torch.library.register_autograd(
+        f"{LIBRARY_NAME}::{forward_name}", backward_formula, setup_context=setup_context, lib=_LIBRARY
+    )
+
+    def loss(args) -> torch.Tensor:
+        return forward_op(*args.op_args())[0]
+
+    return loss

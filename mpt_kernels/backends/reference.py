@@ -1,0 +1,57 @@
+"""The ``reference`` backend: the pure-PyTorch reference behind custom operators.
+
+Forward runs the reference; backward recomputes it under autograd and differentiates
+it, so this backend's gradient is autograd's gradient of the spec in code. It keeps
+nothing between the two (``saved`` is empty): it is the correctness baseline, not a
+fast path. It runs on any device and in float64 too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._custom_op import define_loss_ops
+from .._registry import Backend, register_backend
+from .._validation import MultiLabelLossArgs, SoftmaxLossArgs
+from .. import reference
+
+_ARGS_OF_FAMILY = {"softmax": SoftmaxLossArgs, "multilabel": MultiLabelLossArgs}
+_LOSS_OF_FAMILY = {"softmax": reference.softmax_family_loss, "multilabel": reference.multilabel_loss}
+
+
+def _loss_shape(family: str, args) -> tuple:
+    if args.reduction != "none":
+        return ()
+    return tuple(args.logits.shape[:1]) if family == "softmax" else tuple(args.logits.shape)
+
+
+def _define(family: str):
+    make_args = _ARGS_OF_FAMILY[family]
+    loss_of = _LOSS_OF_FAMILY[family]
+
+    def forward(*op_args):
+        return loss_of(make_args(*op_args)), []
+
+    def forward_fake(*op_args):
+        args = make_args(*op_args)
+        return args.logits.new_empty(_loss_shape(family, args)), []
+
+    def backward(grad_loss, saved, *op_args):
+        args = make_args(*op_args)
+        with torch.enable_grad():
+            logits = args.logits.detach().requires_grad_(True)
+            loss = loss_of(make_args(logits, *op_args[1:]))
+            (grad_logits,) = torch.autograd.grad(loss, logits, grad_loss)
+        return grad_logits
+
+    return define_loss_ops("reference", family, forward=forward, forward_fake=forward_fake, backward=backward)
+
+
+register_backend(
+    Backend(
+        name="reference",
+        description="pure PyTorch (autograd of the spec); any device, float16 to float64",
+        families={family: _define(family) for family in ("softmax", "multilabel")},
+        auto_rank=lambda family, logits: 1000.0,  # the fallback: chosen when nothing faster runs
+    )
+)
