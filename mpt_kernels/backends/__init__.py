@@ -11,7 +11,7 @@ import importlib
 # backend module -> the reason it failed to import, or None when it loaded
 IMPORT_ERRORS: dict = {}
 
-_BACKEND_MODULES = ("reference",)
+_BACKEND_MODULES = ("reference", "triton")
 
 
 def load_backends() -> None:
