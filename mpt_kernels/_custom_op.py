@@ -14,6 +14,12 @@ eager autograd works the same for all backends:
 The parameter list of each family is written once, below, and shared by every backend.
 A backend supplies the real implementations and a fake (meta) forward that produces the
 ``saved`` list's shapes; the backward's fake is always ``empty_like(logits)``.
+
+A backend that computes the gradient in its forward (for an upstream gradient of 1) and
+saves it asks for ``backward_in_place=True``: its backward operator is then
+``(Tensor grad_loss, Tensor(a!)[] saved, <family parameters>) -> ()``, scales
+``saved[0]`` in place into the final gradient, and that buffer is returned, so no second
+N x C buffer is ever allocated.
 """
 
 from __future__ import annotations
@@ -50,25 +56,29 @@ def define_loss_ops(
     forward_fake: Callable,
     backward: Callable,
     dispatch_key: str = "CompositeExplicitAutograd",
+    backward_in_place: bool = False,
 ) -> Callable:
     """Defines the forward/backward operator pair; returns ``loss(args) -> Tensor``.
 
     ``forward(*op_args) -> (loss, saved_list)``; ``backward(grad_loss, saved_list,
-    *op_args) -> grad_logits``; ``forward_fake`` mirrors ``forward`` on fake tensors.
+    *op_args) -> grad_logits`` (or, with ``backward_in_place``, writes the gradient into
+    ``saved_list[0]`` and returns None); ``forward_fake`` mirrors ``forward`` on fake
+    tensors.
     """
     params = FAMILY_PARAMETERS[family]
     forward_name = f"{backend}_{family}_forward"
     backward_name = f"{backend}_{family}_backward"
     _LIBRARY.define(f"{forward_name}({params}) -> (Tensor, Tensor[])")
-    _LIBRARY.define(f"{backward_name}(Tensor grad_loss, Tensor[] saved, {params}) -> Tensor")
+    if backward_in_place:
+        _LIBRARY.define(f"{backward_name}(Tensor grad_loss, Tensor(a!)[] saved, {params}) -> ()")
+        backward_fake = lambda grad_loss, saved, *rest: None  # noqa: E731
+    else:
+        _LIBRARY.define(f"{backward_name}(Tensor grad_loss, Tensor[] saved, {params}) -> Tensor")
+        backward_fake = lambda grad_loss, saved, logits, *rest: torch.empty_like(logits)  # noqa: E731
     _LIBRARY.impl(forward_name, forward, dispatch_key)
     _LIBRARY.impl(backward_name, backward, dispatch_key)
     torch.library.register_fake(f"{LIBRARY_NAME}::{forward_name}", forward_fake, lib=_LIBRARY)
-    torch.library.register_fake(
-        f"{LIBRARY_NAME}::{backward_name}",
-        lambda grad_loss, saved, logits, *rest: torch.empty_like(logits),
-        lib=_LIBRARY,
-    )
+    torch.library.register_fake(f"{LIBRARY_NAME}::{backward_name}", backward_fake, lib=_LIBRARY)
     forward_op = getattr(torch.ops.mpt_kernels, forward_name).default
     backward_op = getattr(torch.ops.mpt_kernels, backward_name).default
 
@@ -87,6 +97,8 @@ def define_loss_ops(
         for slot, value in zip(ctx.tensor_slots, input_tensors):
             inputs[slot] = value
         grad_logits = backward_op(grad_loss, saved, *inputs)
+        if backward_in_place:
+            grad_logits = saved[0]
         return (grad_logits,) + (None,) * (len(inputs) - 1)
 
     torch.library.register_autograd(
