@@ -4,10 +4,10 @@ Every backend exposes each loss family as the same pair of operators, so that
 ``torch.compile(fullgraph=True)`` sees one opaque node per loss (no graph break) and
 eager autograd works the same for all backends:
 
-* ``mpt_kernels::<backend>_<family>_forward(<family parameters>) -> (Tensor loss, Tensor[] saved)``
+* ``mpt_kernels::<backend>_<family>_forward(<family parameters>, bool needs_grad) -> (Tensor loss, Tensor[] saved)``
   returns the reduced loss in the logits' dtype and whatever the backend wants to keep
   for backward (nothing, per-row statistics, or the gradient computed in the forward);
-* ``mpt_kernels::<backend>_<family>_backward(Tensor grad_loss, Tensor[] saved, <family parameters>) -> Tensor``
+* ``mpt_kernels::<backend>_<family>_backward(Tensor grad_loss, Tensor[] saved, <family parameters>, bool needs_grad) -> Tensor``
   returns the gradient of the logits. Teachers' logits, targets and ``class_bias`` are
   constants: they get no gradient.
 
@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from ._validation import MultiLabelLossArgs, SoftmaxLossArgs
+
 LIBRARY_NAME = "mpt_kernels"
 _LIBRARY = torch.library.Library(LIBRARY_NAME, "FRAGMENT")
 
@@ -47,6 +49,8 @@ FAMILY_PARAMETERS = {
     ),
 }
 
+FAMILY_ARGS = {"softmax": SoftmaxLossArgs, "multilabel": MultiLabelLossArgs}
+
 
 def define_loss_ops(
     backend: str,
@@ -60,25 +64,41 @@ def define_loss_ops(
 ) -> Callable:
     """Defines the forward/backward operator pair; returns ``loss(args) -> Tensor``.
 
-    ``forward(*op_args) -> (loss, saved_list)``; ``backward(grad_loss, saved_list,
-    *op_args) -> grad_logits`` (or, with ``backward_in_place``, writes the gradient into
-    ``saved_list[0]`` and returns None); ``forward_fake`` mirrors ``forward`` on fake
-    tensors.
+    The backend's functions see the validated arguments record, rebuilt from the
+    operator's arguments:
+
+    * ``forward(args, needs_grad) -> (loss, saved_list)``; ``needs_grad`` says whether
+      autograd will ask for the logits' gradient (a forward may then compute it);
+    * ``forward_fake(args, needs_grad)`` mirrors ``forward`` on fake tensors;
+    * ``backward(grad_loss, saved_list, args) -> grad_logits``, or, with
+      ``backward_in_place``, writes the gradient into ``saved_list[0]`` and returns None.
     """
-    params = FAMILY_PARAMETERS[family]
+    make_args = FAMILY_ARGS[family]
+    params = FAMILY_PARAMETERS[family] + ", bool needs_grad"
     forward_name = f"{backend}_{family}_forward"
     backward_name = f"{backend}_{family}_backward"
     _LIBRARY.define(f"{forward_name}({params}) -> (Tensor, Tensor[])")
     if backward_in_place:
         _LIBRARY.define(f"{backward_name}(Tensor grad_loss, Tensor(a!)[] saved, {params}) -> ()")
-        backward_fake = lambda grad_loss, saved, *rest: None  # noqa: E731
     else:
         _LIBRARY.define(f"{backward_name}(Tensor grad_loss, Tensor[] saved, {params}) -> Tensor")
-        backward_fake = lambda grad_loss, saved, logits, *rest: torch.empty_like(logits)  # noqa: E731
-    _LIBRARY.impl(forward_name, forward, dispatch_key)
-    _LIBRARY.impl(backward_name, backward, dispatch_key)
-    torch.library.register_fake(f"{LIBRARY_NAME}::{forward_name}", forward_fake, lib=_LIBRARY)
-    torch.library.register_fake(f"{LIBRARY_NAME}::{backward_name}", backward_fake, lib=_LIBRARY)
+
+    def forward_impl(*op_args):
+        return forward(make_args(*op_args[:-1]), op_args[-1])
+
+    def forward_fake_impl(*op_args):
+        return forward_fake(make_args(*op_args[:-1]), op_args[-1])
+
+    def backward_impl(grad_loss, saved, *op_args):
+        return backward(grad_loss, saved, make_args(*op_args[:-1]))
+
+    def backward_fake_impl(grad_loss, saved, logits, *rest):
+        return None if backward_in_place else torch.empty_like(logits)
+
+    _LIBRARY.impl(forward_name, forward_impl, dispatch_key)
+    _LIBRARY.impl(backward_name, backward_impl, dispatch_key)
+    torch.library.register_fake(f"{LIBRARY_NAME}::{forward_name}", forward_fake_impl, lib=_LIBRARY)
+    torch.library.register_fake(f"{LIBRARY_NAME}::{backward_name}", backward_fake_impl, lib=_LIBRARY)
     forward_op = getattr(torch.ops.mpt_kernels, forward_name).default
     backward_op = getattr(torch.ops.mpt_kernels, backward_name).default
 
@@ -106,6 +126,7 @@ def define_loss_ops(
     )
 
     def loss(args) -> torch.Tensor:
-        return forward_op(*args.op_args())[0]
+        needs_grad = torch.is_grad_enabled() and args.logits.requires_grad
+        return forward_op(*args.op_args(), needs_grad)[0]
 
     return loss

@@ -8,14 +8,14 @@ fast path. It runs on any device and in float64 too.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .._custom_op import define_loss_ops
 from .._registry import Backend, register_backend
-from .._validation import MultiLabelLossArgs, SoftmaxLossArgs
 from .. import reference
 
-_ARGS_OF_FAMILY = {"softmax": SoftmaxLossArgs, "multilabel": MultiLabelLossArgs}
 _LOSS_OF_FAMILY = {"softmax": reference.softmax_family_loss, "multilabel": reference.multilabel_loss}
 
 
@@ -26,21 +26,18 @@ def _loss_shape(family: str, args) -> tuple:
 
 
 def _define(family: str):
-    make_args = _ARGS_OF_FAMILY[family]
     loss_of = _LOSS_OF_FAMILY[family]
 
-    def forward(*op_args):
-        return loss_of(make_args(*op_args)), []
+    def forward(args, needs_grad):
+        return loss_of(args), []
 
-    def forward_fake(*op_args):
-        args = make_args(*op_args)
+    def forward_fake(args, needs_grad):
         return args.logits.new_empty(_loss_shape(family, args)), []
 
-    def backward(grad_loss, saved, *op_args):
-        args = make_args(*op_args)
+    def backward(grad_loss, saved, args):
         with torch.enable_grad():
             logits = args.logits.detach().requires_grad_(True)
-            loss = loss_of(make_args(logits, *op_args[1:]))
+            loss = loss_of(dataclasses.replace(args, logits=logits))
             (grad_logits,) = torch.autograd.grad(loss, logits, grad_loss)
         return grad_logits
 
