@@ -108,9 +108,18 @@ def define_loss_ops(
         ctx.other_inputs = [None if i in tensor_slots else value for i, value in enumerate(inputs)]
         saved = list(output[1])
         ctx.num_saved = len(saved)
+        ctx.mark_non_differentiable(*saved)  # backward state, not a result to differentiate
+        ctx.backward_done = False
         ctx.save_for_backward(*saved, *(inputs[i] for i in tensor_slots))
 
     def backward_formula(ctx, grad_loss, _grad_saved):
+        if backward_in_place and ctx.backward_done:
+            # the saved gradient was already scaled in place by the first backward
+            raise RuntimeError(
+                f"the {backend} backend's {family} loss supports one backward per forward; "
+                "with retain_graph=True, compute the loss again for a second backward"
+            )
+        ctx.backward_done = True
         tensors = ctx.saved_tensors
         saved, input_tensors = list(tensors[: ctx.num_saved]), tensors[ctx.num_saved :]
         inputs = list(ctx.other_inputs)

@@ -64,7 +64,8 @@ def check_float(name: str, value, *, low=None, high=None, low_open=False) -> flo
     if isinstance(value, bool) or not (isinstance(value, numbers.Real) or _is_symbolic(value)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # a chained comparison, not math.isfinite: Dynamo traces it for a symbolic float too
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
