@@ -1,5 +1,333 @@
-"""PLACEHOLDER while the multilabel kernels are written: replaced before landing."""
+"""Fused Triton kernels for the multi-label losses: Hill (spec §4) and SPLC (spec §5).
+
+One elementwise kernel computes, in one pass over the logits and the targets, the loss
+of every element and its derivative; the two losses share the sigmoid / log-sigmoid
+and focal-factor pieces (the ``@triton.jit`` helpers below) and differ only in the
+negative branch (a ``tl.constexpr`` picks Hill or SPLC: two specialisations). Every
+hyper-parameter is a runtime argument: a new epoch, λ, margin, γ or τ never recompiles.
+
+Layout: the kernel works on 2-D tiles ``[BLOCK_ROWS, BLOCK_COLS]`` of the (N, C) inputs
+and honours both strides of the logits, of the targets and of the upstream gradient (a
+slice, a transposed or an expanded tensor is read in place, never copied; Triton
+specialises a stride of 1, so the contiguous case loses nothing). Offsets are int64, so
+N·C beyond 2^31 works. Targets of every allowed dtype are read as they are (a bool
+tensor through a free ``uint8`` view) and compared with 0.5 in the kernel. The loss and
+its gradient are computed in float32; the gradient is stored in the logits' dtype.
+
+Where the gradient comes from (``define_loss_ops(..., backward_in_place=True)``):
+
+* ``"sum"`` / ``"mean"``: the forward writes dℓ/dx (with the 1/(N·C) of "mean" folded
+  in) when autograd will want it, i.e. for an upstream gradient of 1: reading x and t
+  once and writing the gradient once is the least traffic possible. The backward then
+  multiplies that buffer in place by the upstream scalar, which a tiny kernel reads on
+  the device; when it is 1 (``loss.backward()``) every program returns at once, so the
+  common case costs no N·C traffic and no host synchronisation. Recomputing in the
+  backward instead would read x and t a second time on every step.
+* ``"none"``: the upstream gradient is an (N, C) tensor that is almost never all ones,
+  so a forward-computed gradient would always cost an extra write and read of an N·C
+  buffer plus a second rounding. Instead the forward writes only the loss and reserves
+  the gradient buffer (an allocation, no traffic); the backward re-runs the same kernel,
+  reading x, t and the upstream gradient and writing dℓ/dx · g once (about the same
+  traffic, the gradient rounded once).
+* Without ``needs_grad`` (inference, ``torch.no_grad()``) no gradient is written and
+  nothing of size N·C is allocated besides the "none" loss.
+
+Scalar reductions are deterministic: each program writes the sum of its tile to a small
+float32 buffer (one value per tile) and one program adds those up in a fixed order. No
+atomics. Nothing here reads a device value back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._custom_op import define_loss_ops
+
+# --------------------------------------------------------------------------- launch shapes
+# Kept as module-level knobs so that tests under the interpreter can shrink the blocks
+# and make small inputs cross many of them.
+TILE_ELEMENTS = 4096  # elements per program of the elementwise kernel
+FLAT_BLOCK = 4096  # elements per loop step of the scaling and partial-sum kernels
 
 
-def loss(args):
-    raise NotImplementedError("the Triton multilabel kernels are being written")
+def tile_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS): a power-of-two tile of about TILE_ELEMENTS elements,
+    as wide as the rows allow (contiguous columns make coalesced accesses)."""
+    block_cols = min(triton.next_power_of_2(max(n_cols, 1)), TILE_ELEMENTS)
+    block_rows = min(triton.next_power_of_2(max(n_rows, 1)), max(TILE_ELEMENTS // block_cols, 1))
+    return block_rows, block_cols
+
+
+def _num_warps(block_elements: int) -> int:
+    return max(1, min(8, block_elements // 512))
+
+
+@functools.lru_cache(maxsize=None)
+def _persistent_programs(device: torch.device) -> int:
+    """How many programs a grid-stride kernel launches (a few per SM on a GPU; two under
+    the interpreter, so that its loop runs more than once in tests)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer this module writes is allocated here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _on_device(tensor: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensor's.
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- shared math
+@triton.jit
+def _sigmoid_and_log_sigmoids(s):
+    """p = σ(s), 1 - p, log p and log(1 - p), from one exp, one log and one division.
+
+    log σ(s) = min(s, 0) - log1p(exp(-|s|)): finite for any finite s (never log(σ(s)),
+    which is -inf once σ(s) underflows); 1 - p is computed as σ(-s), not 1 - σ(s).
+    """
+    e = tl.exp(-tl.abs(s))  # in (0, 1]
+    one_plus_e = 1.0 + e
+    sigmoid_of_abs = 1.0 / one_plus_e  # σ(|s|)
+    sigmoid_of_minus_abs = e * sigmoid_of_abs  # σ(-|s|)
+    # log1p(e) without a log1p (tl.math has none; libdevice's does not run in the
+    # interpreter): log(1 + e) = log(v) + log(1 + r/v), v = fl(1 + e), r = e - (v - 1)
+    # the rounding error of v (exact, |r/v| < 2^-24), so log(1 + r/v) = r/v to float32.
+    softplus_of_minus_abs = tl.log(one_plus_e) + (e - (one_plus_e - 1.0)) * sigmoid_of_abs
+    nonnegative = s >= 0.0
+    p = tl.where(nonnegative, sigmoid_of_abs, sigmoid_of_minus_abs)
+    one_minus_p = tl.where(nonnegative, sigmoid_of_minus_abs, sigmoid_of_abs)
+    log_p = tl.minimum(s, 0.0) - softplus_of_minus_abs
+    log_one_minus_p = tl.minimum(-s, 0.0) - softplus_of_minus_abs
+    return p, one_minus_p, log_p, log_one_minus_p
+
+
+@triton.jit
+def _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma):
+    """ℓ = -(1 - p)^γ log p and dℓ/ds = (1 - p)^γ (γ p log p - (1 - p)), p = σ(s).
+
+    The focal factor is differentiated (spec §4) and computed as exp(γ log(1 - p)),
+    smooth also where 1 - p underflows. Mirrored (s -> -s swaps p and 1 - p, and negates
+    the derivative) it is SPLC's negative branch.
+    """
+    focal = tl.exp(gamma * log_one_minus_p)
+    loss = -focal * log_p
+    grad = focal * (gamma * p * log_p - one_minus_p)
+    return loss, grad
+
+
+@triton.jit
+def _hill_negative(p, one_minus_p, lamb):
+    """ℓ = (λ - p) p² and dℓ/dx = (2λp - 3p²) p (1 - p), p = σ(x)."""
+    loss = (lamb - p) * p * p
+    grad = (2.0 * lamb * p - 3.0 * p * p) * p * one_minus_p
+    return loss, grad
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _multilabel_kernel(
+    logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
+    n_rows, n_cols,
+    stride_logits_row, stride_logits_col,
+    stride_targets_row, stride_targets_col,
+    stride_upstream_row, stride_upstream_col,
+    lamb, margin, gamma, flip_threshold, grad_scale,
+    IS_SPLC: tl.constexpr,
+    WRITE_ELEMENT_LOSS: tl.constexpr,  # reduction "none": the (N, C) loss
+    WRITE_TILE_SUMS: tl.constexpr,  # "sum"/"mean": one partial sum per program
+    WRITE_GRAD: tl.constexpr,
+    UPSTREAM_PER_ELEMENT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    # ---- this program's tile
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
+    rows = (pid // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = (pid % col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows = rows.to(tl.int64)[:, None]  # int64 offsets: N·C may exceed 2^31
+    cols = cols.to(tl.int64)[None, :]
+    out_offsets = rows * n_cols + cols  # the loss and gradient buffers are contiguous
+
+    # ---- load: logits in float32, targets in their own dtype (positive iff > 0.5)
+    x = tl.load(logits_ptr + rows * stride_logits_row + cols * stride_logits_col, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    t = tl.load(targets_ptr + rows * stride_targets_row + cols * stride_targets_col, mask=mask, other=0)
+    positive = t > 0.5
+
+    # ---- the margin follows the original label; σ and log-σ of the shifted logit
+    shifted = tl.where(positive, x - margin, x)
+    p, one_minus_p, log_p, log_one_minus_p = _sigmoid_and_log_sigmoids(shifted)
+
+    if IS_SPLC:
+        # SPLC (§5): from change_epoch on, a negative with σ(x) > τ counts as positive
+        # (flip_threshold > 1 before then: never). A hard decision: no gradient through it.
+        as_positive = positive | (p > flip_threshold)
+        # t' = 0 is the positive case mirrored: swap p <-> 1 - p, negate the derivative
+        loss, grad = _focal_positive(
+            tl.where(as_positive, p, one_minus_p),
+            tl.where(as_positive, one_minus_p, p),
+            tl.where(as_positive, log_p, log_one_minus_p),
+            tl.where(as_positive, log_one_minus_p, log_p),
+            gamma,
+        )
+        grad = tl.where(as_positive, grad, -grad)
+    else:
+        # Hill (§4): focal positive at q = σ(x - m), Hill's quadratic negative at p = σ(x)
+        positive_loss, positive_grad = _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma)
+        negative_loss, negative_grad = _hill_negative(p, one_minus_p, lamb)
+        loss = tl.where(positive, positive_loss, negative_loss)
+        grad = tl.where(positive, positive_grad, negative_grad)
+
+    # ---- store
+    if WRITE_ELEMENT_LOSS:
+        tl.store(loss_ptr + out_offsets, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+    if WRITE_TILE_SUMS:
+        tl.store(loss_ptr + pid, tl.sum(tl.where(mask, loss, 0.0)))
+    if WRITE_GRAD:
+        grad = grad * grad_scale
+        if UPSTREAM_PER_ELEMENT:
+            upstream = tl.load(
+                upstream_ptr + rows * stride_upstream_row + cols * stride_upstream_col,
+                mask=mask, other=0.0,
+            )
+            grad = grad * upstream.to(tl.float32)
+        tl.store(grad_ptr + out_offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_tiles_kernel(partials_ptr, out_ptr, n_partials, scale, BLOCK: tl.constexpr):
+    """out = scale · Σ partials, in a fixed order (one program): deterministic."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        acc += tl.load(partials_ptr + offsets, mask=offsets < n_partials, other=0.0)
+    tl.store(out_ptr, (tl.sum(acc) * scale).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _scale_by_scalar_kernel(grad_ptr, upstream_ptr, n_elements, BLOCK: tl.constexpr):
+    """grad *= g for the upstream scalar g, read on the device; nothing to do when g == 1."""
+    g = tl.load(upstream_ptr).to(tl.float32)
+    if g != 1.0:  # NaN != 1: a NaN upstream gradient propagates
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for block_start in range(start, n_elements, step):
+            offsets = block_start + tl.arange(0, BLOCK)
+            mask = offsets < n_elements
+            grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+            tl.store(grad_ptr + offsets, (grad * g).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _flip_threshold(args) -> float:
+    """SPLC's τ while the correction is on; above any probability (never flips) before
+    change_epoch. The epoch enters the kernel only through this float: no recompile."""
+    return args.tau if args.epoch >= args.change_epoch else 2.0
+
+
+def _targets_for_kernel(targets: torch.Tensor) -> torch.Tensor:
+    # Triton cannot load bool tensors; the same bytes as uint8 (0/1), no copy.
+    return targets.view(torch.uint8) if targets.dtype == torch.bool else targets
+
+
+def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, upstream=None, grad_scale=1.0):
+    """One pass of ``_multilabel_kernel``: writes whichever of the (N, C) loss, the
+    per-tile sums and the gradient (times ``grad_scale`` and the (N, C) ``upstream``)
+    it is given a buffer for."""
+    logits, targets = args.logits, _targets_for_kernel(args.targets)
+    n_rows, n_cols = logits.shape
+    block_rows, block_cols = tile_shape(n_rows, n_cols)
+    grid = (triton.cdiv(n_rows, block_rows) * triton.cdiv(n_cols, block_cols),)
+    if grid[0] == 0:
+        return
+    loss_buffer = element_loss if element_loss is not None else tile_sums
+    # A pointer that a mode never dereferences gets the logits as a placeholder.
+    _multilabel_kernel[grid](
+        logits, targets,
+        upstream if upstream is not None else logits,
+        loss_buffer if loss_buffer is not None else logits,
+        grad if grad is not None else logits,
+        n_rows, n_cols,
+        *logits.stride(), *targets.stride(),
+        *(upstream.stride() if upstream is not None else (0, 0)),
+        args.lamb, args.margin, args.gamma, _flip_threshold(args), grad_scale,
+        IS_SPLC=args.loss == "splc",
+        WRITE_ELEMENT_LOSS=element_loss is not None,
+        WRITE_TILE_SUMS=tile_sums is not None,
+        WRITE_GRAD=grad is not None,
+        UPSTREAM_PER_ELEMENT=upstream is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        num_warps=_num_warps(block_rows * block_cols),
+    )
+
+
+def _num_tiles(n_rows: int, n_cols: int) -> int:
+    block_rows, block_cols = tile_shape(n_rows, n_cols)
+    return triton.cdiv(n_rows, block_rows) * triton.cdiv(n_cols, block_cols)
+
+
+def _forward(args, needs_grad):
+    logits = args.logits
+    n_rows, n_cols = logits.shape
+    device, dtype = logits.device, logits.dtype
+    with _on_device(logits):
+        if args.reduction == "none":
+            loss = _empty((n_rows, n_cols), dtype, device)
+            _launch_elementwise(args, element_loss=loss)
+            # reserved for the backward, which writes dℓ/dx · g into it (module docstring)
+            return loss, ([_empty((n_rows, n_cols), dtype, device)] if needs_grad else [])
+
+        numel = n_rows * n_cols
+        # "mean" over all N·C elements; a mean over nothing is 0 (as the reference's sum)
+        scale = 1.0 / numel if args.reduction == "mean" and numel else 1.0
+        grad = _empty((n_rows, n_cols), dtype, device) if needs_grad else None
+        n_partials = _num_tiles(n_rows, n_cols)
+        partials = _empty((n_partials,), torch.float32, device)
+        _launch_elementwise(args, tile_sums=partials, grad=grad, grad_scale=scale)
+        loss = _empty((), dtype, device)
+        _sum_tiles_kernel[(1,)](partials, loss, n_partials, scale, BLOCK=FLAT_BLOCK, num_warps=_num_warps(FLAT_BLOCK))
+    return loss, ([grad] if needs_grad else [])
+
+
+def _forward_fake(args, needs_grad):
+    logits = args.logits
+    loss = logits.new_empty(tuple(logits.shape) if args.reduction == "none" else ())
+    return loss, ([logits.new_empty(tuple(logits.shape))] if needs_grad else [])
+
+
+def _backward(grad_loss, saved, args):
+    (grad,) = saved
+    with _on_device(grad):
+        if args.reduction == "none":
+            _launch_elementwise(args, grad=grad, upstream=grad_loss)
+            return None
+        n_elements = grad.numel()
+        if n_elements == 0:
+            return None
+        programs = min(triton.cdiv(n_elements, FLAT_BLOCK), _persistent_programs(grad.device))
+        _scale_by_scalar_kernel[(programs,)](
+            grad, grad_loss, n_elements, BLOCK=FLAT_BLOCK, num_warps=_num_warps(FLAT_BLOCK)
+        )
+    return None
+
+
+loss = define_loss_ops(
+    "triton",
+    "multilabel",
+    forward=_forward,
+    forward_fake=_forward_fake,
+    backward=_backward,
+    backward_in_place=True,
+)

@@ -1,0 +1,474 @@
+"""The Triton kernels of the multi-label losses (Hill, SPLC) against the reference.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), on
+small inputs with the blocks shrunk (fixture ``small_blocks``) so that an (N, C) input
+that is not a multiple of the tile crosses several tiles in both directions, and the
+partial-sum and scaling kernels loop more than once. Tests marked ``gpu`` run the real
+launch configuration at realistic sizes.
+
+Tolerances, per logits dtype (``TOLERANCE``): the kernels and the reference both compute
+in float32 and round the result once to the logits' dtype (the kernel rounds the
+gradient a second time when it scales it by an upstream scalar other than 1). So float32
+gets 1e-5 relative (a few float32 ulps of differently ordered arithmetic), float16 and
+bfloat16 two units in the last place of their own format (2^-9, 2^-7 relative); an
+absolute slack of 1e-5 of the largest expected magnitude covers elements that cancel to
+near zero (Hill's 2λp - 3p²), and two subnormal steps the gradients of "mean" that fall
+below float16's normal range.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import mpt_kernels  # noqa: E402
+from mpt_kernels import reference as R  # noqa: E402
+from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
+from mpt_kernels._validation import check_splc  # noqa: E402
+
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TARGET_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2 * 2.0**-10, torch.bfloat16: 2 * 2.0**-7}
+ABSOLUTE_SLACK = 1e-5
+LOSSES = ("hill", "splc")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Not a multiple of the small test tile (2 x 16) in either direction: 3 x 3 tiles.
+N, C = 5, 37
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(request, monkeypatch):
+    """Tiny tiles and flat blocks under the interpreter (not for the GPU tests)."""
+    if request.node.get_closest_marker("gpu") is None and "default_blocks" not in request.node.name:
+        monkeypatch.setattr(TM, "tile_shape", lambda n_rows, n_cols: (2, 16))
+        monkeypatch.setattr(TM, "FLAT_BLOCK", 4)
+
+
+# --------------------------------------------------------------------------- helpers
+def generator(seed: int, device=DEVICE) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def as_targets(positive: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Targets of ``dtype`` that are > 0.5 exactly where ``positive``: 0/1 for bool, 0/1/2
+    for uint8, soft values on both sides of 0.5 (0.5 itself is a negative) for floats."""
+    if dtype == torch.bool:
+        return positive
+    pick = torch.randint(0, 3, positive.shape, generator=gen, device=positive.device)
+    if dtype == torch.uint8:
+        return (positive.to(torch.uint8) * (1 + (pick > 0).to(torch.uint8)))
+    high = torch.tensor([0.5625, 0.75, 1.0], device=positive.device)[pick]
+    low = torch.tensor([0.0, 0.25, 0.5], device=positive.device)[pick]
+    return torch.where(positive, high, low).to(dtype)
+
+
+def make_inputs(seed: int, dtype=torch.float32, target_dtype=torch.bool, *, n=N, c=C, tau=0.6):
+    """Logits ~ 2·N(0, 1), never zero, kept 0.1 away from logit(τ) so that no rounding
+    moves a negative across SPLC's threshold; about 40% positives."""
+    gen = generator(seed)
+    x = torch.randn(n, c, generator=gen, device=DEVICE) * 2
+    threshold = math.log(tau / (1 - tau))
+    side = torch.where(x >= threshold, 1.0, -1.0)
+    x = torch.where((x - threshold).abs() < 0.1, threshold + 0.2 * side, x)
+    positive = torch.rand(n, c, generator=gen, device=DEVICE) < 0.4
+    return x.to(dtype), as_targets(positive, target_dtype, gen)
+
+
+def make_upstream(reduction: str, x: torch.Tensor, seed: int) -> torch.Tensor:
+    if reduction == "none":
+        return (torch.randn(x.shape, generator=generator(seed, x.device), device=x.device) * 2).to(x.dtype)
+    return torch.tensor(0.37, dtype=x.dtype, device=x.device)
+
+
+def loss_and_grad(backend: str, name: str, x, t, upstream, **options):
+    """The loss and dL/dx · upstream, through the public API (or the reference)."""
+    x = x.detach().clone().requires_grad_(True)
+    if backend == "reference":
+        loss = getattr(R, f"{name}_loss")(x, t, **options)
+    else:
+        loss = getattr(mpt_kernels, f"{name}_loss")(x, t, backend=backend, **options)
+    (grad,) = torch.autograd.grad(loss, x, upstream)
+    return loss.detach(), grad
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    scale = expected.float().abs().nan_to_num(posinf=0.0).max().item() if expected.numel() else 0.0
+    subnormal_step = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # float16: 6e-8
+    atol = max(ABSOLUTE_SLACK * scale, 2 * subnormal_step)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=TOLERANCE[dtype], atol=atol, equal_nan=True)
+
+
+def check_against_reference(name, x, t, *, reduction, upstream, **options):
+    """Runs both backends; asserts the loss and gradient agree; returns Triton's."""
+    options = dict(options, reduction=reduction)
+    loss, grad = loss_and_grad("triton", name, x, t, upstream, **options)
+    ref_loss, ref_grad = loss_and_grad("reference", name, x, t, upstream, **options)
+    assert_matches(loss, ref_loss, x.dtype)
+    assert_matches(grad, ref_grad, x.dtype)
+    return loss, grad
+
+
+def default_options(name: str) -> dict:
+    return {"epoch": 1} if name == "splc" else {}
+
+
+# --------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("reduction", ("sum", "mean", "none"))
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+@pytest.mark.parametrize("name", LOSSES)
+def test_matches_reference(name, dtype, reduction):
+    # upstream gradient != 1: a scalar 0.37, or a random (N, C) tensor for "none"
+    x, t = make_inputs(1, dtype)
+    check_against_reference(
+        name, x, t, reduction=reduction, upstream=make_upstream(reduction, x, 2), **default_options(name)
+    )
+
+
+@pytest.mark.parametrize("reduction", ("sum", "mean"))
+@pytest.mark.parametrize("name", LOSSES)
+def test_backward_of_one(name, reduction):
+    # loss.backward(): the upstream scalar is 1, the scaling kernel returns at once
+    x, t = make_inputs(3)
+    loss, grad = check_against_reference(
+        name, x, t, reduction=reduction, upstream=torch.tensor(1.0, device=DEVICE), **default_options(name)
+    )
+    leaf = x.clone().requires_grad_(True)
+    getattr(mpt_kernels, f"{name}_loss")(leaf, t, reduction=reduction, backend="triton", **default_options(name)).backward()
+    assert torch.equal(leaf.grad, grad)
+
+
+HILL_PARAMS = [
+    {"lamb": 2.5, "margin": 0.5, "gamma": 1.5},
+    {"lamb": 0.9, "margin": -0.3, "gamma": 0.0},
+    {"lamb": 1.0, "margin": 2.0, "gamma": 3.7},
+]
+SPLC_PARAMS = [
+    {"tau": 0.3, "margin": 0.5, "gamma": 1.5, "change_epoch": 0, "epoch": 0},
+    {"tau": 0.9, "margin": 0.0, "gamma": 0.0, "change_epoch": 1, "epoch": 4},
+    {"tau": 0.75, "margin": 2.0, "gamma": 3.7, "change_epoch": 5, "epoch": 9},
+]
+
+
+@pytest.mark.parametrize("reduction", ("sum", "none"))
+@pytest.mark.parametrize(
+    "name, options", [("hill", p) for p in HILL_PARAMS] + [("splc", p) for p in SPLC_PARAMS]
+)
+def test_parameters(name, options, reduction):
+    x, t = make_inputs(4, tau=options.get("tau", 0.6))
+    loss, _ = check_against_reference(name, x, t, reduction=reduction, upstream=make_upstream(reduction, x, 5), **options)
+    # the parameters reach the kernel: the defaults give another loss
+    default_loss = getattr(mpt_kernels, f"{name}_loss")(x, t, reduction=reduction, backend="triton", **default_options(name))
+    assert not torch.equal(loss, default_loss)
+
+
+@pytest.mark.parametrize("target_dtype", TARGET_DTYPES, ids=str)
+@pytest.mark.parametrize("name", LOSSES)
+def test_target_dtypes(name, target_dtype):
+    x, t = make_inputs(6, target_dtype=target_dtype)
+    loss, _ = check_against_reference(name, x, t, reduction="none", upstream=make_upstream("none", x, 7), **default_options(name))
+    # the same labels as bool targets give the same loss
+    same = getattr(mpt_kernels, f"{name}_loss")(x, t > 0.5, reduction="none", backend="triton", **default_options(name))
+    assert torch.equal(loss, same)
+
+
+@pytest.mark.parametrize("reduction", ("sum", "none"))
+def test_splc_change_epoch(reduction):
+    options = {"tau": 0.6, "change_epoch": 3, "margin": 1.0, "gamma": 2.0}
+    x, t = make_inputs(8)
+    upstream = make_upstream(reduction, x, 9)
+    losses = {
+        epoch: check_against_reference("splc", x, t, reduction=reduction, upstream=upstream, epoch=epoch, **options)[0]
+        for epoch in (0, 2, 3, 7)
+    }
+    # no correction before change_epoch, the same correction on every epoch from then on
+    assert torch.equal(losses[0], losses[2]) and torch.equal(losses[3], losses[7])
+    assert not torch.equal(losses[2], losses[3])
+
+
+def test_splc_threshold_is_strict():
+    # σ(0) = 0.5 exactly: with τ = 0.5 a negative at x = 0 is not corrected (σ(x') > τ)
+    x = torch.tensor([[0.0, 1e-3, -1e-3, 0.0]], device=DEVICE).repeat(3, 1)
+    t = torch.zeros(x.shape, dtype=torch.bool, device=DEVICE)
+    t[:, 3] = True
+    loss, _ = check_against_reference(
+        "splc", x, t, reduction="none", upstream=make_upstream("none", x, 40), epoch=1, tau=0.5
+    )
+    corrected = -torch.nn.functional.logsigmoid(torch.tensor(1e-3)) * torch.sigmoid(torch.tensor(-1e-3)) ** 2
+    uncorrected = -(0.5**2) * math.log(0.5)
+    torch.testing.assert_close(loss[0, :2].cpu(), torch.tensor([uncorrected, corrected.item()]))
+
+
+def extreme_logits(dtype, margin: float) -> torch.Tensor:
+    values = [-1e4, -100.0, -30.0, -1e-3, 0.0, 1e-3, margin - 1e-3, margin, margin + 1e-3, 30.0, 100.0, 1e4]
+    row = torch.tensor(values)
+    return torch.stack([row, -row.flip(0), row * 0.5]).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("reduction", ("sum", "none"))
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+@pytest.mark.parametrize("name", LOSSES)
+def test_extreme_logits(name, dtype, reduction):
+    x = extreme_logits(dtype, margin=1.0)
+    t = (torch.arange(x.numel()).reshape(x.shape) % 2 == 0).to(DEVICE)
+    loss, grad = check_against_reference(
+        name, x, t, reduction=reduction, upstream=make_upstream(reduction, x, 10), **default_options(name)
+    )
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_nan_propagates(name):
+    x, t = make_inputs(11)
+    x[1, 7] = float("nan")
+    loss = getattr(mpt_kernels, f"{name}_loss")(x, t, reduction="none", backend="triton", **default_options(name))
+    assert loss[1, 7].isnan() and loss.isnan().sum() == 1
+    total = getattr(mpt_kernels, f"{name}_loss")(x, t, backend="triton", **default_options(name))
+    assert total.isnan()
+
+
+@pytest.mark.parametrize("reduction", ("sum", "mean", "none"))
+def test_empty_input(reduction):
+    for shape in ((0, C), (N, 0)):
+        x = torch.randn(shape, device=DEVICE)
+        t = torch.zeros(shape, dtype=torch.bool, device=DEVICE)
+        loss, grad = check_against_reference("hill", x, t, reduction=reduction, upstream=make_upstream(reduction, x, 12))
+        assert grad.shape == shape
+
+
+@pytest.mark.parametrize("layout", ("column_slice", "transposed", "row_slice_expanded_targets"))
+@pytest.mark.parametrize("name", LOSSES)
+def test_non_contiguous(name, layout):
+    # both strides are honoured: nothing is copied, whatever the layout
+    x, t = make_inputs(13, c=2 * C)
+    if layout == "column_slice":
+        x, t = x[:, ::2], t[:, 1::2]
+    elif layout == "transposed":
+        x, t = make_inputs(13, n=C, c=N)
+        x, t = x.t(), t.t()
+    else:
+        x, t = x[:, 3 : 3 + C], t[2:3, :C].expand(N, C)
+    assert not x.is_contiguous()
+    for reduction in ("sum", "none"):
+        upstream = make_upstream(reduction, x, 14)
+        if reduction == "none":
+            upstream = upstream.t().contiguous().t()  # a column-major upstream gradient too
+        check_against_reference(name, x, t, reduction=reduction, upstream=upstream, **default_options(name))
+
+
+def test_expanded_upstream_of_none():
+    # loss.sum().backward() hands "none" an expanded (stride 0) upstream gradient
+    x, t = make_inputs(15)
+    leaf = x.clone().requires_grad_(True)
+    mpt_kernels.hill_loss(leaf, t, reduction="none", backend="triton").sum().backward()
+    _, expected = loss_and_grad("reference", "hill", x, t, torch.tensor(1.0), reduction="sum")
+    assert_matches(leaf.grad, expected, x.dtype)
+
+
+def test_default_blocks():
+    # the launch configuration of the GPU (one 4096-wide tile per row here), in the interpreter
+    x, t = make_inputs(16, n=3, c=5000)
+    for reduction in ("sum", "mean", "none"):
+        check_against_reference("splc", x, t, reduction=reduction, upstream=make_upstream(reduction, x, 17), epoch=2)
+
+
+# --------------------------------------------------------------------------- buffers, determinism
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Every buffer the launcher allocates starts as NaN: an element left unwritten shows."""
+    allocated = []
+
+    def nan_filled(shape, dtype, device):
+        buffer = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        allocated.append(buffer)
+        return buffer
+
+    monkeypatch.setattr(TM, "_empty", nan_filled)
+    return allocated
+
+
+@pytest.mark.parametrize("reduction", ("sum", "mean", "none"))
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_element_written(name, reduction, poisoned_buffers):
+    x, t = make_inputs(18)
+    for upstream in (make_upstream(reduction, x, 19), torch.ones_like(make_upstream(reduction, x, 19))):
+        loss, grad = check_against_reference(name, x, t, reduction=reduction, upstream=upstream, **default_options(name))
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert any(b.shape == x.shape for b in poisoned_buffers)  # the gradient came from _empty
+
+
+@pytest.mark.parametrize("reduction", ("sum", "mean", "none"))
+@pytest.mark.parametrize("name", LOSSES)
+def test_deterministic(name, reduction):
+    x, t = make_inputs(20, n=33, c=70)  # 17 x 5 tiles: 85 partial sums
+    upstream = make_upstream(reduction, x, 21)
+    first = loss_and_grad("triton", name, x, t, upstream, reduction=reduction, **default_options(name))
+    second = loss_and_grad("triton", name, x, t, upstream, reduction=reduction, **default_options(name))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("reduction", ("sum", "mean", "none"))
+@pytest.mark.parametrize("name", LOSSES)
+def test_inference_writes_no_gradient(name, reduction, poisoned_buffers):
+    x, t = make_inputs(22)
+    expected = getattr(R, f"{name}_loss")(x, t, reduction=reduction, **default_options(name))
+    for grad_mode in (torch.no_grad, torch.enable_grad):
+        poisoned_buffers.clear()
+        with grad_mode():
+            # logits that need no gradient, and (under no_grad) logits that do
+            for logits in (x, x.clone().requires_grad_(True)):
+                loss = getattr(mpt_kernels, f"{name}_loss")(
+                    logits, t, reduction=reduction, backend="triton", **default_options(name)
+                )
+                assert_matches(loss.detach(), expected, x.dtype)
+        full_size = [b for b in poisoned_buffers if b.numel() == x.numel()]
+        per_call = 1 if reduction == "none" else 0  # the "none" loss itself
+        if grad_mode is torch.no_grad:
+            assert len(full_size) == 2 * per_call
+        else:  # the second call needs the gradient: one more N x C buffer
+            assert len(full_size) == 2 * per_call + 1
+
+
+# --------------------------------------------------------------------------- compilation
+def test_hyper_parameters_are_runtime_arguments():
+    # A new epoch, λ, margin, γ or τ must not recompile: the epoch never reaches the
+    # kernel (it is folded into the float flip threshold on the host) and no float is a
+    # constexpr. Triton specialises ints on their value (1, multiples of 16), floats never.
+    # The GPU test below counts the compiled variants.
+    params = inspect.signature(getattr(TM._multilabel_kernel, "fn", TM._multilabel_kernel)).parameters
+    assert not {"epoch", "change_epoch", "tau"} & set(params)
+    for name in ("lamb", "margin", "gamma", "flip_threshold", "grad_scale"):
+        assert "constexpr" not in str(params[name].annotation)
+    constexprs = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+    assert constexprs == {
+        "IS_SPLC", "WRITE_ELEMENT_LOSS", "WRITE_TILE_SUMS", "WRITE_GRAD", "UPSTREAM_PER_ELEMENT",
+        "BLOCK_ROWS", "BLOCK_COLS",
+    }
+    threshold = TM._flip_threshold
+    before, after = (check_splc(
+        torch.zeros(1, 1), torch.zeros(1, 1), epoch=e, tau=0.6, change_epoch=3, margin=1.0, gamma=2.0,
+        reduction="sum") for e in (2, 3))
+    assert isinstance(threshold(before), float) and threshold(before) > 1.0 and threshold(after) == 0.6
+
+
+def test_torch_compile_fullgraph():
+    # the fake forward matches the real one: one opaque node, autograd through it
+    x, t = make_inputs(23)
+
+    def step(logits, targets, epoch):
+        return mpt_kernels.splc_loss(logits, targets, epoch=epoch, reduction="mean", backend="triton")
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for epoch in (0, 1):
+        leaf = x.clone().requires_grad_(True)
+        compiled(leaf, t, epoch).backward()
+        _, expected = loss_and_grad("reference", "splc", x, t, torch.tensor(1.0), epoch=epoch, reduction="mean")
+        assert_matches(leaf.grad, expected, x.dtype)
+
+
+# --------------------------------------------------------------------------- GPU, realistic sizes
+def compiled_variants(kernel) -> int:
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ("sum", "mean", "none"))
+@pytest.mark.parametrize("num_classes", (80, 9605, 131072))
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+@pytest.mark.parametrize("name", LOSSES)
+def test_gpu_realistic(name, dtype, num_classes, reduction):
+    x, t = make_inputs(30, dtype, n=4096, c=num_classes)
+    check_against_reference(
+        name, x, t, reduction=reduction, upstream=make_upstream(reduction, x, 31), **default_options(name)
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target_dtype", TARGET_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+def test_gpu_target_dtypes(dtype, target_dtype):
+    x, t = make_inputs(32, dtype, target_dtype, n=4096, c=9605)
+    for name in LOSSES:
+        check_against_reference(name, x, t, reduction="sum", upstream=make_upstream("sum", x, 33), **default_options(name))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+def test_gpu_extreme_and_deterministic(dtype):
+    x, t = make_inputs(34, dtype, n=4096, c=20000)
+    x[::7] *= 1e3  # many logits far out in both tails
+    x[1::7] = 1.0  # exactly at the margin
+    for name in LOSSES:
+        for reduction in ("sum", "none"):
+            upstream = make_upstream(reduction, x, 35)
+            first = check_against_reference(name, x, t, reduction=reduction, upstream=upstream, **default_options(name))
+            second = loss_and_grad("triton", name, x, t, upstream, reduction=reduction, **default_options(name))
+            assert torch.isfinite(first[0]).all() and torch.isfinite(first[1]).all()
+            assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.gpu
+def test_gpu_no_recompile_on_new_epoch_or_parameters():
+    x, t = make_inputs(36, n=512, c=1000)
+    kernels = (TM._multilabel_kernel, TM._sum_tiles_kernel, TM._scale_by_scalar_kernel)
+
+    def step(name, **options):
+        leaf = x.clone().requires_grad_(True)
+        loss = getattr(mpt_kernels, f"{name}_loss")(leaf, t, backend="triton", **options)
+        (loss * 0.5).backward()
+        leaf.grad.sum().item()
+
+    step("splc", epoch=0)
+    step("hill")
+    before = [compiled_variants(k) for k in kernels]
+    for epoch in (1, 2, 3, 16, 17, 100):
+        step("splc", epoch=epoch, tau=0.5 + epoch / 1000, margin=epoch / 10, gamma=epoch % 3 + 0.5)
+    for gamma in (0.0, 1.0, 2.5):
+        step("hill", lamb=gamma + 1.0, margin=-gamma, gamma=gamma)
+    step("splc", epoch=5, change_epoch=16)
+    assert [compiled_variants(k) for k in kernels] == before
+
+
+@pytest.mark.gpu
+def test_gpu_beyond_int32_offsets():
+    # N·C > 2^31: the last rows sit past every int32 offset
+    num_classes = 65539
+    n = 2**31 // num_classes + 2
+    assert n * num_classes > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(37)
+    x = torch.randn(n, num_classes, device="cuda", dtype=torch.bfloat16, generator=gen) * 2
+    t = torch.rand(n, num_classes, device="cuda", generator=gen) < 0.3
+    tail, head = slice(n - 64, n), slice(0, 64)
+
+    loss = mpt_kernels.hill_loss(x, t, reduction="none", backend="triton")
+    for rows in (head, tail):
+        assert_matches(loss[rows], R.hill_loss(x[rows], t[rows], reduction="none"), x.dtype)
+    del loss
+
+    leaf = x.requires_grad_(True)
+    total = mpt_kernels.hill_loss(leaf, t, reduction="sum", backend="triton")
+    total.backward()
+    expected = sum(
+        R.hill_loss(x[i : i + 4096].detach().float(), t[i : i + 4096], reduction="sum").double()
+        for i in range(0, n, 4096)
+    )
+    assert math.isclose(total.item(), expected.item(), rel_tol=TOLERANCE[x.dtype])
+    for rows in (head, tail):
+        _, expected_grad = loss_and_grad("reference", "hill", x[rows], t[rows], torch.tensor(1.0, device="cuda"), reduction="sum")
+        assert_matches(leaf.grad[rows], expected_grad, x.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_second_device():
+    x, t = make_inputs(38)
+    x, t = x.to("cuda:1"), t.to("cuda:1")
+    check_against_reference("hill", x, t, reduction="sum", upstream=torch.tensor(0.37, device="cuda:1"))
