@@ -1,5 +1,460 @@
-"""PLACEHOLDER while the softmax kernels are written: replaced before landing."""
+"""Fused Triton kernels of the softmax family: margin-calibrated cross-entropy, focal
+distillation and the MPT loss (spec §1-3), as one kernel.
+
+``margin_cross_entropy`` and ``focal_distillation`` reach this module as the same
+``SoftmaxLossArgs`` as ``mpt_loss`` (a source weight of 0 turns a term off), so one
+kernel serves all three. One program handles one row ``i``:
+
+1. Statistics sweep, in blocks of ``BLOCK_C`` classes, reading each input once:
+   the online log-sum-exp of ``z̃ = z + Δ`` and the sum of ``z̃`` (label smoothing); for
+   each distillation source the online log-sum-exp of the student ``s/τ`` over the
+   source's columns and of the teacher ``r/τ``, the rescaled sum
+   ``Σ_j exp(a_j - m_a)(a_j - c_j)`` of the one-sweep KL identity
+   ``KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c)`` (``kind="kl"``) or the sum of
+   squares (``kind="lm"``), and the running argmax of teacher and student the focus
+   mode needs. Then the row's loss ``L_i`` and focal weights ``w = α + β f``.
+2. Gradient sweep (only when autograd will want it): ``dL_i/dz_ij`` for an upstream
+   gradient of 1 (and ``1/count`` folded in for ``"mean"``), written once in the
+   logits' dtype.
+
+Where the gradient is made: in the forward, not in a recomputing backward. Per
+element of ``N x C`` with ``s`` input streams (student plus teachers), the minimum
+traffic is ``s`` reads and one gradient write. No ``dL/dz_ij`` is known before the
+row's statistics are complete, so the inputs are swept twice either way; what differs
+is where the second sweep reads from. Here it follows the first sweep of the same row
+in the same program, so it is served by L2 while the rows in flight fit there (about
+two rows per SM: 264 x ``s·C·bytes`` on an H200, i.e. up to C ~ 32K in bf16 with three
+streams against 50 MB of L2); a backward kernel would run after the rest of the
+network's forward and backward and read all ``s`` streams again from HBM. Beyond that
+size the two designs move the same bytes. With ``backward_in_place=True`` the
+backward costs nothing for the usual ``loss.backward()``: a tiny kernel reads the
+upstream gradient on the device and returns at once where it equals 1 (per row for
+``"none"``); any other value costs one read and write of the gradient (the price of
+this design, as is a gradient computed for a forward whose backward never runs). No
+``N x C`` buffer other than the gradient is allocated, the per-row statistics are
+``O(N)``, and nothing synchronises with the host.
+
+What is specialised (``tl.constexpr``): which terms are present (CE, old source, new
+source), the kind, the two halves of the focus mode (reference argmax used, student
+argmax used), the bias mode, "mean", whether to write the gradient, and ``BLOCK_C``.
+Every float hyper-parameter is a runtime argument.
+
+Rows: an ignored row reads nothing and gets loss 0 and gradient 0 (also where its
+logits hold NaN). A target outside ``[0, C)`` (on CPU ``check_target_values`` raises
+first) reads nothing outside the row and gets a NaN loss and a NaN gradient row.
+
+Layout: rows may have any stride (int64 offsets, so ``N·C >= 2^31`` works); a class
+axis whose stride is not 1 is copied to a contiguous tensor first (an ``N x C`` copy,
+so pass row-strided views, not transposed ones).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._custom_op import define_loss_ops
+from .._validation import SoftmaxLossArgs, check_target_values
+
+# Tests under the interpreter set this to a small power of two so that a few hundred
+# classes cross several blocks; None chooses by the class count (see _launch_config).
+block_size_override: Optional[int] = None
+
+BIAS_NONE, BIAS_VECTOR, BIAS_NEW_CLASSES = 0, 1, 2
+# focus -> (uses the reference's argmax, uses the student's argmax) (spec §2)
+FOCUS_PARTS = {
+    "ref_correct": (True, False),
+    "neg_flip": (True, True),
+    "student_wrong": (False, True),
+    "all": (False, False),
+}
+_INT32_MAX = tl.constexpr(2147483647)  # "no index" for the argmax's min()
 
 
-def loss(args):
-    raise NotImplementedError("the Triton softmax kernels are being written")
+# --------------------------------------------------------------------------- building blocks
+@triton.jit
+def _lse_step(m, l, x):
+    """One block of an online log-sum-exp: running max ``m``, ``l = Σ exp(x - m)``.
+
+    Returns the new (m, l), the factor that rescaled the old sum, and exp(x - m).
+    """
+    m_new = tl.maximum(m, tl.max(x, 0))
+    # While every class seen is -inf (masked), shift by 0 rather than by -inf, so that
+    # exp(-inf - (-inf)) = NaN never happens. A NaN logit that max() dropped still
+    # reaches l through exp(NaN - m), so NaN propagates either way.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    rescale = tl.exp(m - shift)  # 0 while m = -inf (then l = 0 too)
+    e = tl.exp(x - shift)
+    return m_new, l * rescale + tl.sum(e, 0), rescale, e
+
+
+@triton.jit
+def _argmax_step(best, best_index, x, cols):
+    """Running max and its index; ties go to the lowest index, as torch.argmax."""
+    block_best = tl.max(x, 0)
+    block_index = tl.min(tl.where(x == block_best, cols, _INT32_MAX), 0)
+    better = block_best > best  # strict: on a tie the earlier block keeps its index
+    return tl.where(better, block_best, best), tl.where(better, block_index, best_index)
+
+
+@triton.jit
+def _class_bias(bias_ptr, bias_stride, cols, mask, num_old, new_class_bias, BIAS: tl.constexpr):
+    """Δ_j of the CE term, in float32: a bias vector, or b on the classes j >= C_old."""
+    if BIAS == 1:
+        return tl.load(bias_ptr + cols * bias_stride, mask=mask, other=0.0).to(tl.float32)
+    elif BIAS == 2:
+        return tl.where(cols >= num_old, new_class_bias, 0.0)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _distill_stats_step(
+    m_c, l_c, m_a, l_a, kl_sum, sq_sum, ref_best, ref_arg, student_best, student_arg,
+    s, r, mask, cols, inv_tau,
+    IS_KL: tl.constexpr, FOCUS_REF: tl.constexpr, FOCUS_STUDENT: tl.constexpr,
+):
+    """One block of one distillation source; s and r are -inf outside ``mask``."""
+    if IS_KL:
+        c = s * inv_tau
+        a = r * inv_tau
+        m_c, l_c, unused_rescale, unused_e = _lse_step(m_c, l_c, c)
+        m_a, l_a, rescale, p = _lse_step(m_a, l_a, a)
+        # Σ softmax(a)_j (a_j - c_j), rescaled with the teacher's running max; a class
+        # with p_j = 0 adds 0, also where the student is -inf there too.
+        kl_sum = kl_sum * rescale + tl.sum(tl.where(p == 0.0, 0.0, p * (a - c)), 0)
+    else:
+        diff = s - r
+        sq_sum += tl.sum(tl.where(mask, diff * diff, 0.0), 0)
+    if FOCUS_REF:
+        ref_best, ref_arg = _argmax_step(ref_best, ref_arg, r, cols)
+    if FOCUS_STUDENT:
+        student_best, student_arg = _argmax_step(student_best, student_arg, s, cols)
+    return m_c, l_c, m_a, l_a, kl_sum, sq_sum, ref_best, ref_arg, student_best, student_arg
+
+
+@triton.jit
+def _focal_weight(y, ref_arg, student_arg, alpha, beta,
+                  FOCUS_REF: tl.constexpr, FOCUS_STUDENT: tl.constexpr):
+    """w = α + β f (spec §2); f = 0 for focus "all"."""
+    f = 0.0
+    if FOCUS_REF:
+        f = (ref_arg == y).to(tl.float32)  # never true for y >= K: ref_arg < K
+    if FOCUS_STUDENT:
+        student_wrong = (student_arg != y).to(tl.float32)
+        if FOCUS_REF:
+            f = f * student_wrong
+        else:
+            f = student_wrong
+    return alpha + beta * f
+
+
+@triton.jit
+def _distill_row(m_c, l_c, m_a, l_a, kl_sum, sq_sum, width, inv_tau, kl_scale, IS_KL: tl.constexpr):
+    """One source's d_i and what its gradient needs: (d, LSE(c), LSE(a), factor of ∂d/∂s)."""
+    if IS_KL:
+        lse_c = m_c + tl.log(l_c)
+        lse_a = m_a + tl.log(l_a)
+        # KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c); ∂/∂s_j = (S/τ)(q_j - p_j)
+        return kl_scale * (kl_sum / l_a - lse_a + lse_c), lse_c, lse_a, kl_scale * inv_tau
+    else:
+        # (1/(2K)) Σ (s_j - r_j)²; ∂/∂s_j = (s_j - r_j)/K (the LSEs are unused)
+        return sq_sum / (2 * width), 0.0, 0.0, 1.0 / width
+
+
+@triton.jit
+def _distill_grad(s, r, lse_c, lse_a, coef, inv_tau, IS_KL: tl.constexpr):
+    """coef · (q - p) for KL, coef · (s - r) for LM (coef holds w, λ, S/τ or 1/K)."""
+    if IS_KL:
+        return coef * (tl.exp(s * inv_tau - lse_c) - tl.exp(r * inv_tau - lse_a))
+    else:
+        return coef * (s - r)
+
+
+# --------------------------------------------------------------------------- the kernel
+@triton.jit
+def _mpt_loss_kernel(
+    z_ptr, z_row_stride,
+    target_ptr, target_stride,
+    old_ptr, old_row_stride,
+    new_ptr, new_row_stride,
+    bias_ptr, bias_stride,
+    rows_ptr, grad_ptr, inv_count_ptr,
+    num_classes, num_old, num_read, ignore_index,
+    new_class_bias, label_smoothing, inv_tau, kl_scale, alpha, beta,
+    ce_weight, old_weight, new_weight,
+    HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr,
+    IS_KL: tl.constexpr, FOCUS_REF: tl.constexpr, FOCUS_STUDENT: tl.constexpr,
+    BIAS: tl.constexpr, MEAN: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
+    z_row = z_ptr + row * z_row_stride
+    old_row = old_ptr + row * old_row_stride
+    new_row = new_ptr + row * new_row_stride
+
+    # ---- the target: ignored rows read nothing and get 0; an out-of-range one (only
+    # possible on a GPU, see _validation) reads class 0 and gets NaN.
+    y = tl.load(target_ptr + row * target_stride).to(tl.int64)
+    counted = y != ignore_index
+    in_range = (y >= 0) & (y < num_classes)
+    y_safe = tl.where(counted & in_range, y, 0)
+    read_limit = tl.where(counted, num_read, 0)  # a mask `cols < read_limit` reads nothing of an ignored row
+
+    # ---- statistics sweep
+    NEG_INF = float("-inf")
+    m_ce = NEG_INF
+    l_ce = 0.0
+    sum_biased = 0.0
+    m_c_old = NEG_INF
+    l_c_old = 0.0
+    m_a_old = NEG_INF
+    l_a_old = 0.0
+    kl_old = 0.0
+    sq_old = 0.0
+    ref_best_old = NEG_INF
+    ref_arg_old = 0
+    student_best_old = NEG_INF
+    student_arg_old = 0
+    m_c_new = NEG_INF
+    l_c_new = 0.0
+    m_a_new = NEG_INF
+    l_a_new = 0.0
+    kl_new = 0.0
+    sq_new = 0.0
+    ref_best_new = NEG_INF
+    ref_arg_new = 0
+    student_best_new = NEG_INF
+    student_arg_new = 0
+    for start in range(0, num_read, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        in_row = cols < read_limit
+        z = tl.load(z_row + cols, mask=in_row, other=NEG_INF).to(tl.float32)
+        if HAS_CE:
+            z_biased = z + _class_bias(bias_ptr, bias_stride, cols, in_row, num_old, new_class_bias, BIAS)
+            m_ce, l_ce, unused_rescale, unused_e = _lse_step(m_ce, l_ce, z_biased)
+            sum_biased += tl.sum(tl.where(in_row, z_biased, 0.0), 0)
+        if HAS_OLD:
+            is_old = in_row & (cols < num_old)
+            r_old = tl.load(old_row + cols, mask=is_old, other=NEG_INF).to(tl.float32)
+            (m_c_old, l_c_old, m_a_old, l_a_old, kl_old, sq_old, ref_best_old, ref_arg_old,
+             student_best_old, student_arg_old) = _distill_stats_step(
+                m_c_old, l_c_old, m_a_old, l_a_old, kl_old, sq_old, ref_best_old, ref_arg_old,
+                student_best_old, student_arg_old, tl.where(is_old, z, NEG_INF), r_old, is_old,
+                cols, inv_tau, IS_KL, FOCUS_REF, FOCUS_STUDENT)
+        if HAS_NEW:
+            r_new = tl.load(new_row + cols, mask=in_row, other=NEG_INF).to(tl.float32)
+            (m_c_new, l_c_new, m_a_new, l_a_new, kl_new, sq_new, ref_best_new, ref_arg_new,
+             student_best_new, student_arg_new) = _distill_stats_step(
+                m_c_new, l_c_new, m_a_new, l_a_new, kl_new, sq_new, ref_best_new, ref_arg_new,
+                student_best_new, student_arg_new, z, r_new, in_row,
+                cols, inv_tau, IS_KL, FOCUS_REF, FOCUS_STUDENT)
+
+    # ---- the row's loss, in the order of spec §3
+    row_loss = 0.0
+    if HAS_CE:
+        lse_ce = m_ce + tl.log(l_ce)
+        target_ok = counted & in_range
+        z_target = tl.load(z_row + y_safe, mask=target_ok, other=0.0).to(tl.float32)
+        z_target += _class_bias(bias_ptr, bias_stride, y_safe, target_ok, num_old, new_class_bias, BIAS)
+        nll = lse_ce - z_target
+        # (ε/C) Σ_j (LSE - z̃_j); skipped at ε = 0, where 0 · inf would be NaN on masked classes
+        smoothing = tl.where(label_smoothing == 0.0, 0.0,
+                             label_smoothing * (lse_ce - sum_biased / num_classes))
+        row_loss += ce_weight * ((1.0 - label_smoothing) * nll + smoothing)
+    if HAS_OLD:
+        w_old = _focal_weight(y, ref_arg_old, student_arg_old, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
+        d_old, lse_c_old, lse_a_old, d_factor_old = _distill_row(
+            m_c_old, l_c_old, m_a_old, l_a_old, kl_old, sq_old, num_old, inv_tau, kl_scale, IS_KL)
+        row_loss += old_weight * w_old * d_old
+    if HAS_NEW:
+        w_new = _focal_weight(y, ref_arg_new, student_arg_new, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
+        d_new, lse_c_new, lse_a_new, d_factor_new = _distill_row(
+            m_c_new, l_c_new, m_a_new, l_a_new, kl_new, sq_new, num_classes, inv_tau, kl_scale, IS_KL)
+        row_loss += new_weight * w_new * d_new
+    row_loss = tl.where(in_range, row_loss, float("nan"))
+    tl.store(rows_ptr + row, tl.where(counted, row_loss, 0.0))
+
+    # ---- gradient sweep: dL_i/dz_ij for an upstream gradient of 1 (1/count for "mean")
+    if WRITE_GRAD:
+        if MEAN:
+            row_scale = tl.load(inv_count_ptr)
+        else:
+            row_scale = 1.0
+        row_scale = tl.where(in_range, row_scale, float("nan"))
+        grad_row = grad_ptr + row * num_classes
+        for start in range(0, num_classes, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            read = cols < read_limit
+            z = tl.load(z_row + cols, mask=read, other=0.0).to(tl.float32)
+            grad = tl.zeros([BLOCK_C], dtype=tl.float32)
+            if HAS_CE:
+                z_biased = z + _class_bias(bias_ptr, bias_stride, cols, read, num_old, new_class_bias, BIAS)
+                one_hot = tl.where(cols == y, 1.0 - label_smoothing, 0.0)
+                grad += (row_scale * ce_weight) * (
+                    tl.exp(z_biased - lse_ce) - one_hot - label_smoothing / num_classes)
+            if HAS_OLD:
+                is_old = read & (cols < num_old)
+                r_old = tl.load(old_row + cols, mask=is_old, other=0.0).to(tl.float32)
+                coef_old = row_scale * old_weight * w_old * d_factor_old
+                grad += tl.where(is_old, _distill_grad(z, r_old, lse_c_old, lse_a_old, coef_old, inv_tau, IS_KL), 0.0)
+            if HAS_NEW:
+                r_new = tl.load(new_row + cols, mask=read, other=0.0).to(tl.float32)
+                coef_new = row_scale * new_weight * w_new * d_factor_new
+                grad += tl.where(read, _distill_grad(z, r_new, lse_c_new, lse_a_new, coef_new, inv_tau, IS_KL), 0.0)
+            # ignored rows: exactly 0, whatever their logits hold
+            grad = tl.where(counted, grad, 0.0)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
+
+
+@triton.jit
+def _inverse_count_kernel(target_ptr, target_stride, num_rows, ignore_index, out_ptr, BLOCK: tl.constexpr):
+    """1 / max(#rows whose target is not ignore_index, 1), on the device (one program)."""
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, num_rows, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        in_batch = rows < num_rows
+        y = tl.load(target_ptr + rows.to(tl.int64) * target_stride, mask=in_batch, other=0)
+        count += (in_batch & (y != ignore_index)).to(tl.int32)
+    total = tl.sum(count, 0)
+    tl.store(out_ptr, 1.0 / tl.maximum(total, 1).to(tl.float32))
+
+
+@triton.jit
+def _scale_gradient_kernel(
+    grad_ptr, upstream_ptr, upstream_stride, target_ptr, target_stride, ignore_index,
+    num_classes, BLOCK: tl.constexpr,
+):
+    """grad[i, :] *= g_i in place, where g_i != 1 and row i is counted."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
+    y = tl.load(target_ptr + row * target_stride)
+    # g == 1 (plain loss.backward()) keeps the forward's gradient untouched; ignored rows
+    # keep their zeros whatever g is (the reference masks them the same way).
+    if (g != 1.0) & (y != ignore_index):
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < num_classes
+        ptrs = grad_ptr + row * num_classes + cols
+        grad = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (grad * g).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _launch_config(num_classes: int, num_streams: int) -> tuple[int, int]:
+    """(BLOCK_C, num_warps): a block that holds the row when small; at most 4096 classes
+    for the student alone, 2048 with teachers (more live registers per class)."""
+    if block_size_override is not None:
+        block = block_size_override
+    else:
+        cap = 4096 if num_streams == 1 else 2048
+        block = max(16, min(triton.next_power_of_2(num_classes), cap))
+    num_warps = 4 if block <= 1024 else (8 if block <= 2048 else 16)
+    return block, num_warps
+
+
+def _class_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels need unit stride along the classes; rows may have any stride."""
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        return x.contiguous()
+    return x
+
+
+def _new_gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
+    """The only N x C allocation: every element is written by the kernel."""
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _inverse_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    out = torch.empty((), dtype=torch.float32, device=target.device)
+    _inverse_count_kernel[(1,)](target, target.stride(0), target.shape[0], ignore_index, out, BLOCK=1024)
+    return out
+
+
+def _forward(args: SoftmaxLossArgs, needs_grad: bool):
+    logits = args.logits
+    num_rows, num_classes = logits.shape
+    check_target_values(args.target, num_classes, args.ignore_index)
+
+    has_ce = args.ce_weight != 0.0
+    has_old = args.old_logits is not None and args.old_weight != 0.0
+    has_new = args.new_logits is not None and args.new_weight != 0.0
+    if args.class_bias is not None:
+        bias_mode = BIAS_VECTOR
+    elif args.new_class_bias != 0.0 and args.num_old_classes < num_classes:
+        bias_mode = BIAS_NEW_CLASSES
+    else:
+        bias_mode = BIAS_NONE
+    focus_ref, focus_student = FOCUS_PARTS[args.focus]
+    # Focal distillation alone needs only the student's first K columns.
+    num_read = num_classes if (has_ce or has_new) else (args.num_old_classes if has_old else 0)
+
+    z = _class_axis_contiguous(logits)
+    old = _class_axis_contiguous(args.old_logits) if has_old else z
+    new = _class_axis_contiguous(args.new_logits) if has_new else z
+    bias = args.class_bias if bias_mode == BIAS_VECTOR else z
+    target = args.target
+    mean = args.reduction == "mean"
+
+    rows = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    grad = _new_gradient_buffer(logits) if needs_grad else rows
+    inv_count = _inverse_count(target, args.ignore_index) if mean else rows
+    if num_rows > 0:
+        block, num_warps = _launch_config(num_classes, 1 + has_old + has_new)
+        _mpt_loss_kernel[(num_rows,)](
+            z, z.stride(0),
+            target, target.stride(0),
+            old, old.stride(0),
+            new, new.stride(0),
+            bias, bias.stride(0),
+            rows, grad, inv_count,
+            num_classes, args.num_old_classes, num_read, args.ignore_index,
+            args.new_class_bias, args.label_smoothing, 1.0 / args.tau,
+            args.tau * args.tau if args.scale_by_tau_sq else 1.0, args.alpha, args.beta,
+            args.ce_weight, args.old_weight, args.new_weight,
+            HAS_CE=has_ce, HAS_OLD=has_old, HAS_NEW=has_new, IS_KL=args.kind == "kl",
+            FOCUS_REF=focus_ref, FOCUS_STUDENT=focus_student, BIAS=bias_mode, MEAN=mean,
+            WRITE_GRAD=needs_grad, BLOCK_C=block, num_warps=num_warps,
+        )
+
+    if args.reduction == "none":
+        loss = rows
+    elif mean:
+        loss = rows.sum() * inv_count
+    else:
+        loss = rows.sum()
+    return loss.to(logits.dtype), ([grad] if needs_grad else [])
+
+
+def _forward_fake(args: SoftmaxLossArgs, needs_grad: bool):
+    logits = args.logits
+    shape = logits.shape[:1] if args.reduction == "none" else ()
+    loss = logits.new_empty(shape)
+    return loss, ([torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)] if needs_grad else [])
+
+
+def _backward(grad_loss: torch.Tensor, saved: list, args: SoftmaxLossArgs) -> None:
+    """Scales the forward's gradient by the upstream gradient, in place.
+
+    The buffer is scaled once per call: a second backward through the same graph
+    (``retain_graph=True``) with an upstream gradient other than 1 would scale it again.
+    """
+    grad = saved[0]
+    num_rows, num_classes = grad.shape
+    if num_rows == 0 or num_classes == 0:
+        return None
+    block = 1024
+    upstream_stride = grad_loss.stride(0) if grad_loss.dim() == 1 else 0
+    _scale_gradient_kernel[(num_rows, triton.cdiv(num_classes, block))](
+        grad, grad_loss, upstream_stride, args.target, args.target.stride(0), args.ignore_index,
+        num_classes, BLOCK=block, num_warps=4,
+    )
+    return None
+
+
+loss = define_loss_ops(
+    "triton", "softmax", forward=_forward, forward_fake=_forward_fake, backward=_backward,
+    backward_in_place=True,
+)

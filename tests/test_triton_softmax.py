@@ -1,0 +1,545 @@
+"""The fused Triton kernel of the softmax family (MPT loss, margin CE, focal distillation)
+against the reference.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), on a
+few rows with the class block shrunk to ``SMALL_BLOCK`` (fixture ``small_blocks``), so
+that C = 150 classes cross five blocks and the old/new boundary K = 70 falls inside
+one. Tests marked ``gpu`` run the real launch configuration at realistic sizes.
+
+Every comparison runs the public API with ``backend="triton"`` and the reference on
+copies of the same fresh random inputs, then compares the loss and the gradient of the
+logits for an upstream gradient other than 1 (a random (N,) one for ``"none"``).
+
+Tolerances, per logits dtype (``TOLERANCE``, relative; absolute = relative x the
+largest magnitude compared): both sides compute in float32 and round once to the
+logits' dtype (the kernel rounds the gradient a second time when it scales it by an
+upstream gradient other than 1), and the kernel's one-sweep KL identity and online
+sums order the float32 arithmetic differently. So float32 gets 2e-5 (a few dozen
+float32 ulps: the KL identity subtracts numbers of the logits' size to get a small
+divergence), float16 and bfloat16 three unit roundoffs of their own format (3·2^-11,
+3·2^-8: one rounding each side, plus the second rounding of the scaled gradient).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import mpt_kernels  # noqa: E402
+from mpt_kernels import reference as R  # noqa: E402
+from mpt_kernels.backends import triton_softmax as TS  # noqa: E402
+
+# numpy (the interpreter) warns about lanes that are computed and then masked out
+# (-inf - -inf, log 0 on ignored rows); the results are checked below.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3 * 2.0**-11, torch.bfloat16: 3 * 2.0**-8}
+SMALL_BLOCK = 32
+N, C, K = 6, 150, 70  # C and K not multiples of SMALL_BLOCK; K falls inside a block
+FUNCTIONS = {"mpt_loss", "margin_cross_entropy", "focal_distillation"}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(request, monkeypatch):
+    """A small class block under the interpreter (not for the GPU tests)."""
+    if request.node.get_closest_marker("gpu") is None and "default_blocks" not in request.node.name:
+        monkeypatch.setattr(TS, "block_size_override", SMALL_BLOCK)
+
+
+# --------------------------------------------------------------------------- inputs
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def make_inputs(seed, *, n=N, c=C, k=K, dtype=torch.float32, target_dtype=torch.int64,
+                ignore_rows=(1,), ignore_index=-100):
+    """Student (n, c), targets, old (n, k), new (n, c): random, with agreement planted.
+
+    Some rows get a teacher whose argmax is the target, some a student whose argmax is
+    the target, in a pattern that gives every focus mode both values of f; targets in
+    the second half of the rows may lie beyond k (never predicted by the old model).
+    """
+    g = generator(seed)
+    z = 2.0 * torch.randn(n, c, generator=g, device=DEVICE)
+    old = 2.0 * torch.randn(n, k, generator=g, device=DEVICE)
+    new = 2.0 * torch.randn(n, c, generator=g, device=DEVICE)
+    y = torch.randint(0, k, (n,), generator=g, device=DEVICE)
+    y[n // 2:] = torch.randint(0, c, (n - n // 2,), generator=g, device=DEVICE)
+    rows = torch.arange(n, device=DEVICE)
+    # a fixed pattern: rows 0 and 2 meet a right teacher with a right and a wrong student
+    plant_old = (rows % 2 == 0) & (y < k)
+    plant_new = rows % 3 != 1
+    plant_student = rows % 3 == 0
+    old[rows[plant_old], y[plant_old]] = old.max() + 1.0
+    new[rows[plant_new], y[plant_new]] = new.max() + 1.0
+    z[rows[plant_student], y[plant_student]] = z.max() + 1.0
+    for r in ignore_rows:
+        y[r] = ignore_index
+    return z.to(dtype), y.to(target_dtype), old.to(dtype), new.to(dtype)
+
+
+def upstream_gradient(out: torch.Tensor, how: str, seed: int = 99) -> torch.Tensor:
+    if how == "one":
+        return torch.ones_like(out)
+    if out.dim() == 0:
+        return torch.full_like(out, -0.37 if how == "negative" else 1.7)
+    return torch.rand(out.shape, generator=generator(seed), device=DEVICE).to(out.dtype) * 2 - 0.5
+
+
+def run(fn_name: str, logits, *rest, backend: str, upstream="random", **kwargs):
+    """Loss and logits' gradient of one public function, on a fresh leaf copy of ``logits``."""
+    assert fn_name in FUNCTIONS
+    leaf = logits.detach().clone().requires_grad_(True)
+    if backend == "reference":
+        out = getattr(R, fn_name)(leaf, *rest, **kwargs)
+    else:
+        out = getattr(mpt_kernels, fn_name)(leaf, *rest, backend=backend, **kwargs)
+    (grad,) = torch.autograd.grad(out, leaf, upstream_gradient(out, upstream))
+    # the caller's logits are never written (NaN compares equal to NaN here)
+    torch.testing.assert_close(leaf.detach(), logits, rtol=0, atol=0, equal_nan=True)
+    return out.detach(), grad
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    finite = expected[torch.isfinite(expected)]
+    scale = finite.abs().max().item() if finite.numel() else 1.0
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(
+        actual, expected, rtol=tol, atol=tol * max(scale, 1e-3), equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def check(fn_name, logits, *rest, upstream="random", **kwargs):
+    """Triton == reference for the loss and the gradient; returns the Triton pair."""
+    loss_t, grad_t = run(fn_name, logits, *rest, backend="triton", upstream=upstream, **kwargs)
+    loss_r, grad_r = run(fn_name, logits, *rest, backend="reference", upstream=upstream, **kwargs)
+    assert_close(loss_t, loss_r, logits.dtype, "loss")
+    assert_close(grad_t, grad_r, logits.dtype, "gradient")
+    return loss_t, grad_t
+
+
+# --------------------------------------------------------------------------- every option
+MPT_CASES = {
+    # name: (sources, kwargs)
+    "kl-ref_correct-default": ("both", dict()),
+    "kl-neg_flip-tau_sq-smoothing-sum": ("both", dict(focus="neg_flip", scale_by_tau_sq=True, tau=2.0,
+                                                      label_smoothing=0.1, reduction="sum")),
+    "kl-student_wrong-class_bias-none": ("both", dict(focus="student_wrong", class_bias="float32",
+                                                      reduction="none")),
+    "kl-all-old_only-bias2": ("old", dict(focus="all", new_class_bias=2.0, alpha=0.5, beta=2.0)),
+    "kl-ref_correct-new_only-ce0": ("new", dict(ce_weight=0.0, num_old_classes=K, tau=3.0)),
+    "kl-neg_flip-no_sources": ("none", dict(focus="neg_flip", num_old_classes=K, label_smoothing=0.2)),
+    "kl-ignore7-weights": ("both", dict(ignore_index=7, old_weight=0.3, new_weight=1.5, ce_weight=0.8,
+                                        reduction="none")),
+    "kl-old_weight0": ("both", dict(old_weight=0.0, focus="neg_flip", class_bias="float64")),
+    "lm-ref_correct-default": ("both", dict(kind="lm", alpha=0.5, beta=3.0)),
+    "lm-neg_flip-new_only-bias_f16-none": ("new", dict(kind="lm", focus="neg_flip", class_bias="float16",
+                                                       label_smoothing=0.2, reduction="none",
+                                                       num_old_classes=K)),
+    "lm-student_wrong-tau_sq-sum": ("both", dict(kind="lm", focus="student_wrong", scale_by_tau_sq=True,
+                                                 reduction="sum")),
+    "lm-all-old_only-weights": ("old", dict(kind="lm", focus="all", ce_weight=0.5, old_weight=0.7)),
+}
+
+
+def _mpt_args(seed, sources, kwargs, *, dtype=torch.float32, target_dtype=torch.int64):
+    kwargs = dict(kwargs)
+    ignore_index = kwargs.get("ignore_index", -100)
+    z, y, old, new = make_inputs(seed, dtype=dtype, target_dtype=target_dtype, ignore_index=ignore_index)
+    if isinstance(kwargs.get("class_bias"), str):
+        bias_dtype = getattr(torch, kwargs["class_bias"])
+        kwargs["class_bias"] = torch.randn(C, generator=generator(seed + 1), device=DEVICE).to(bias_dtype)
+    if ignore_index == 7:  # rows whose target is class 7 are the ignored ones
+        y[2] = 7
+    old = old if sources in ("both", "old") else None
+    new = new if sources in ("both", "new") else None
+    return (z, y, old, new), kwargs
+
+
+@pytest.mark.parametrize("upstream", ["random", "one"])
+@pytest.mark.parametrize("case", list(MPT_CASES))
+def test_mpt_loss_options(case, upstream):
+    sources, kwargs = MPT_CASES[case]
+    args, kwargs = _mpt_args(10, sources, kwargs)
+    check("mpt_loss", *args, upstream=upstream, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "case, target_dtype",
+    [("kl-neg_flip-tau_sq-smoothing-sum", torch.int64), ("lm-ref_correct-default", torch.int32),
+     ("kl-student_wrong-class_bias-none", torch.int32)],
+)
+def test_mpt_loss_dtypes(case, target_dtype, dtype, reduction):
+    sources, kwargs = MPT_CASES[case]
+    args, kwargs = _mpt_args(20, sources, dict(kwargs, reduction=reduction), dtype=dtype, target_dtype=target_dtype)
+    check("mpt_loss", *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "dtype, kwargs",
+    [
+        (torch.float32, dict()),
+        (torch.float16, dict(class_bias="float64", reduction="none")),
+        (torch.bfloat16, dict(new_class_bias=1.5, num_old_classes=K, label_smoothing=0.3, reduction="sum")),
+        (torch.float32, dict(new_class_bias=-2.0, num_old_classes=C - 1, ignore_index=3)),
+    ],
+    ids=["plain", "bias_vector-f16", "new_class_bias-smoothing-bf16", "last_class_new-ignore3"],
+)
+def test_margin_cross_entropy(dtype, kwargs):
+    kwargs = dict(kwargs)
+    z, y, _, _ = make_inputs(30, dtype=dtype, target_dtype=torch.int32,
+                             ignore_index=kwargs.get("ignore_index", -100))
+    if "class_bias" in kwargs:
+        kwargs["class_bias"] = torch.randn(C, generator=generator(31), device=DEVICE).to(
+            getattr(torch, kwargs["class_bias"]))
+    check("margin_cross_entropy", z, y, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["kl", "lm"])
+@pytest.mark.parametrize("focus", ["ref_correct", "neg_flip", "student_wrong", "all"])
+def test_focal_distillation_fewer_reference_classes(focus, kind, monkeypatch):
+    """K < C: the student's columns j >= K get exactly zero gradient (buffer poisoned)."""
+    poison_gradient_buffer(monkeypatch)
+    z, y, old, _ = make_inputs(40)
+    reduction = "none" if focus in ("neg_flip", "all") else "mean"
+    _, grad = check("focal_distillation", z, old, y, kind=kind, focus=focus, tau=3.0, alpha=0.5,
+                    beta=4.0, scale_by_tau_sq=kind == "kl" and focus == "all", reduction=reduction)
+    assert torch.equal(grad[:, K:], torch.zeros_like(grad[:, K:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_focal_distillation_full_width(dtype):
+    z, y, _, new = make_inputs(41, dtype=dtype)
+    check("focal_distillation", z, new, y, focus="neg_flip")
+
+
+def test_focus_modes_matter():
+    """The planted agreement makes the focus modes give different losses (so the tests above can fail)."""
+    z, y, old, new = make_inputs(10)
+    values = {
+        focus: run("mpt_loss", z, y, old, new, backend="triton", focus=focus)[0].item()
+        for focus in ("ref_correct", "neg_flip", "student_wrong", "all")
+    }
+    assert len(set(values.values())) == 4, values
+
+
+# --------------------------------------------------------------------------- ignored rows, reductions
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(reduction):
+    z, y, old, new = make_inputs(50, ignore_rows=range(N))
+    for fn, args in (("mpt_loss", (z, y, old, new)), ("margin_cross_entropy", (z, y))):
+        loss, grad = check(fn, *args, reduction=reduction)
+        assert torch.equal(loss, torch.zeros_like(loss))
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_ignored_rows_with_nan_upstream_gradient():
+    """Ignored rows keep a zero gradient even for a NaN upstream gradient (as the reference)."""
+    z, y, old, new = make_inputs(51, ignore_rows=(0, 3))
+    leaf = z.clone().requires_grad_(True)
+    out = mpt_kernels.mpt_loss(leaf, y, old, new, reduction="none", backend="triton")
+    g = torch.full_like(out, float("nan"))
+    (grad,) = torch.autograd.grad(out, leaf, g)
+    assert torch.equal(grad[[0, 3]], torch.zeros_like(grad[[0, 3]]))
+    assert torch.isnan(grad[[1, 2, 4, 5]]).all()
+
+
+def test_empty_batch():
+    z = torch.randn(0, C, device=DEVICE, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    for reduction in ("mean", "sum"):
+        out = mpt_kernels.margin_cross_entropy(z, y, reduction=reduction, backend="triton")
+        assert out.shape == () and out.item() == 0.0
+        (grad,) = torch.autograd.grad(out, z)
+        assert grad.shape == (0, C)
+    out = mpt_kernels.margin_cross_entropy(z, y, reduction="none", backend="triton")
+    assert out.shape == (0,)
+
+
+# --------------------------------------------------------------------------- memory and layout
+def poison_gradient_buffer(monkeypatch):
+    """The kernel must write every element of the gradient: start from NaN."""
+    def nan_filled(logits):
+        return torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
+    monkeypatch.setattr(TS, "_new_gradient_buffer", nan_filled)
+
+
+@pytest.mark.parametrize("upstream", ["one", "random"])
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+def test_poisoned_gradient_buffer(dtype, upstream, monkeypatch):
+    poison_gradient_buffer(monkeypatch)
+    z, y, old, new = make_inputs(60, dtype=dtype, ignore_rows=(0, 4))
+    _, grad = check("mpt_loss", z, y, old, new, focus="neg_flip", upstream=upstream, reduction="none")
+    assert torch.isfinite(grad).all()
+    _, grad = check("margin_cross_entropy", z, y, upstream=upstream, label_smoothing=0.1)
+    assert torch.isfinite(grad).all()
+
+
+def test_non_contiguous_inputs(monkeypatch):
+    """Row-strided views are read in place (no copy); a class axis with stride != 1 is copied."""
+    seen = []
+    real = TS._class_axis_contiguous
+
+    def spy(x):
+        out = real(x)
+        seen.append((tuple(x.stride()), out is x))
+        return out
+
+    monkeypatch.setattr(TS, "_class_axis_contiguous", spy)
+    z, y, old, new = make_inputs(70)
+    g = generator(71)
+    wide = torch.randn(N, C + 13, generator=g, device=DEVICE)
+    wide[:, 5:5 + C] = z
+    old_wide = torch.randn(N, K + 9, generator=g, device=DEVICE)
+    old_wide[:, 3:3 + K] = old
+    old_view = old_wide[:, 3:3 + K]
+    new_t = new.t().contiguous().t()  # column-major: stride (1, N)
+    y_view = torch.stack([y, torch.zeros_like(y)], dim=1)[:, 0]
+    bias_view = torch.randn(2 * C, generator=g, device=DEVICE)[::2]
+    kwargs = dict(class_bias=bias_view, focus="neg_flip", reduction="none")
+
+    wide_leaf = wide.clone().requires_grad_(True)
+    z_view = wide_leaf[:, 5:5 + C]
+    assert z_view.stride() == (C + 13, 1) and old_view.stride() == (K + 9, 1) and new_t.stride() == (1, N)
+    loss = mpt_kernels.mpt_loss(z_view, y_view, old_view, new_t, backend="triton", **kwargs)
+    upstream = upstream_gradient(loss, "random")
+    (grad_wide,) = torch.autograd.grad(loss, wide_leaf, upstream)
+    assert seen == [((C + 13, 1), True), ((K + 9, 1), True), ((1, N), False)]
+    assert torch.equal(wide_leaf.detach(), wide)
+
+    expected, expected_grad = run("mpt_loss", z, y, old, new, backend="reference", **kwargs)
+    assert_close(loss.detach(), expected, z.dtype, "loss")
+    assert_close(grad_wide[:, 5:5 + C], expected_grad, z.dtype, "gradient")
+    assert torch.equal(grad_wide[:, :5], torch.zeros_like(grad_wide[:, :5]))
+    assert torch.equal(grad_wide[:, 5 + C:], torch.zeros_like(grad_wide[:, 5 + C:]))
+    check("margin_cross_entropy", z.t().contiguous().t(), y)
+
+
+def test_deterministic():
+    z, y, old, new = make_inputs(80)
+    first = run("mpt_loss", z, y, old, new, backend="triton", reduction="mean")
+    second = run("mpt_loss", z, y, old, new, backend="triton", reduction="mean")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_no_grad_forward_matches():
+    """Without autograd the kernel makes one sweep and writes no gradient."""
+    z, y, old, new = make_inputs(81)
+    with torch.no_grad():
+        loss = mpt_kernels.mpt_loss(z, y, old, new, focus="neg_flip", backend="triton")
+    expected = R.mpt_loss(z, y, old, new, focus="neg_flip")
+    assert_close(loss, expected, z.dtype, "loss")
+
+
+@pytest.mark.parametrize("num_classes", [150, 3000])
+def test_default_blocks(num_classes):
+    """The launch configuration chosen from C (one block for 150, several for 3000)."""
+    assert TS.block_size_override is None
+    z, y, old, new = make_inputs(82, n=3, c=num_classes, k=num_classes // 2 + 1)
+    check("mpt_loss", z, y, old, new, focus="neg_flip")
+
+
+# --------------------------------------------------------------------------- edge values
+def test_bf16_argmax_ties():
+    """Ties of the maximum go to the lowest index (torch.argmax), within and across blocks."""
+    z, y, old, new = make_inputs(90, dtype=torch.bfloat16, ignore_rows=())
+    top = 20.0
+    # row 0: teacher tie at 5 and 40 (different blocks), target 40 -> f = 0
+    # row 1: teacher tie at 5 and 40, target 5 -> f = 1
+    # row 2: teacher tie at 33 and 36 (same block), target 36 -> f = 0
+    # row 3: student tie at 10 and 45, target 45: student argmax 10 != y -> student wrong
+    # row 4: student tie at 10 and 45, target 10 -> student right
+    # row 5: teacher tie at 65 and 69 (last old block), target 65 -> f = 1
+    for row, cols, target in [(0, (5, 40), 40), (1, (5, 40), 5), (2, (33, 36), 36), (5, (65, 69), 65)]:
+        old[row, list(cols)] = top
+        new[row, list(cols)] = top
+        y[row] = target
+    for row, cols, target in [(3, (10, 45), 45), (4, (10, 45), 10)]:
+        z[row, list(cols)] = top
+        y[row] = target
+    assert (old == top).sum() == 8 and (z == top).sum() == 4
+    for focus in ("ref_correct", "neg_flip", "student_wrong"):
+        check("mpt_loss", z, y, old, new, focus=focus, beta=10.0, reduction="none")
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_masked_classes(label_smoothing):
+    """-inf logits: probability 0 and a finite loss (CE without smoothing), even where a
+    whole block (the row's first) is masked, and where teacher and student are both -inf."""
+    z, y, old, new = make_inputs(100, ignore_rows=())
+    masked = torch.zeros(N, C, dtype=torch.bool, device=DEVICE)
+    masked[0, :SMALL_BLOCK] = True          # a whole first block
+    masked[1, 3::7] = True                  # scattered
+    masked[2, K - 5:] = True                # across the old/new boundary, to the end
+    masked[:, C - 1] = True                 # the last class of every row
+    y = torch.where(masked.gather(1, y[:, None]).squeeze(1), torch.full_like(y, 40), y)
+    y[2] = 2
+    masked[0, 40] = masked[1, 40] = False
+    z = z.masked_fill(masked, float("-inf"))
+    new = new.masked_fill(masked, float("-inf"))
+    old = old.masked_fill(masked[:, :K], float("-inf"))
+    old[3, :10] = float("-inf")             # masked in the teacher only: p = 0 there
+    new[4, 50:60] = float("-inf")
+    loss, grad = check("mpt_loss", z, y, old, new, label_smoothing=label_smoothing, focus="neg_flip",
+                       reduction="none")
+    if label_smoothing == 0.0:
+        assert torch.isfinite(loss).all()
+    else:  # ε/C Σ_j -log softmax_j is +inf where a class is masked: the reference agrees
+        assert torch.isinf(loss).all()
+    assert torch.isfinite(grad).all()
+    if label_smoothing == 0.0:  # with smoothing a masked class still gets -ε/C
+        assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
+
+
+def test_nan_propagates():
+    z, y, old, new = make_inputs(110, ignore_rows=(5,))
+    z[0, 100] = float("nan")        # student, in a late block
+    old[2, 1] = float("nan")        # old teacher, first block
+    new[3, C - 1] = float("nan")    # new teacher, last element
+    loss, _ = check("mpt_loss", z, y, old, new, reduction="none")
+    assert torch.isnan(loss[[0, 2, 3]]).all() and torch.isfinite(loss[[1, 4, 5]]).all()
+    assert loss[5] == 0
+    loss, _ = check("mpt_loss", z, y, old, new, reduction="mean")
+    assert torch.isnan(loss)
+    loss, _ = check("margin_cross_entropy", z, y, reduction="none")
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1:]).all()
+    # A NaN the loss does not read (student column >= K in focal distillation) changes nothing.
+    loss, _ = check("focal_distillation", z, old, y, reduction="none")
+    assert torch.isfinite(loss[[0, 1, 3, 4, 5]]).all() and torch.isnan(loss[2])
+    # A NaN in an ignored row changes nothing: loss 0, gradient exactly 0. (The
+    # reference's autograd gives that row a NaN gradient, 0 · NaN in log_softmax's
+    # backward, so this is checked on its own.)
+    z_ignored = z.clone()
+    z_ignored[5, 3] = float("nan")
+    loss, grad = run("mpt_loss", z_ignored, y, old, new, backend="triton", reduction="none")
+    expected, _ = run("mpt_loss", z, y, old, new, backend="triton", reduction="none")
+    assert loss[5] == 0 and torch.equal(grad[5], torch.zeros_like(grad[5]))
+    assert torch.equal(loss.isnan(), expected.isnan())
+    # A NaN at the row's very first element (the running max starts on it).
+    z2 = z.clone()
+    z2[1, 0] = float("nan")
+    loss, _ = check("margin_cross_entropy", z2, y, reduction="none")
+    assert torch.isnan(loss[1])
+
+
+def test_out_of_range_target(monkeypatch):
+    """The host check raises (on CPU always, on a GPU with MPT_KERNELS_SYNC_CHECKS=1);
+    without it (a GPU's default) the row's loss and gradient are NaN, nothing is read
+    out of bounds (2^40 would fault), and the other rows are unaffected."""
+    z, y, old, new = make_inputs(120, ignore_rows=())
+    bad = y.clone()
+    bad[1], bad[3], bad[4] = C, 2**40, -5
+    with monkeypatch.context() as mp:
+        mp.setenv("MPT_KERNELS_SYNC_CHECKS", "1")
+        with pytest.raises(ValueError, match="target"):
+            mpt_kernels.mpt_loss(z, bad, old, new, backend="triton")
+    with monkeypatch.context() as mp:
+        mp.setattr(TS, "check_target_values", lambda *a, **k: None)
+        loss, grad = run("mpt_loss", z, bad, old, new, backend="triton", reduction="none")
+    assert torch.isnan(loss[[1, 3, 4]]).all() and torch.isnan(grad[[1, 3, 4]]).all()
+    good = [0, 2, 5]
+    expected, expected_grad = run("mpt_loss", z, y, old, new, backend="reference", reduction="none")
+    assert_close(loss[good], expected[good], z.dtype, "loss")
+    assert_close(grad[good], expected_grad[good], z.dtype, "gradient")
+
+
+# --------------------------------------------------------------------------- compiled, not interpreted
+# The interpreter accepts code that the compiler rejects (a global that is not a
+# constexpr, a loop-carried value that changes type, ...). This lowers the kernels to a
+# cubin for sm_90 with Triton's own ptxas (no GPU needed), in a fresh interpreter-free
+# process, and checks that nothing spills to local memory.
+AOT_SCRIPT = r"""
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mpt_kernels.backends import triton_softmax as TS
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+def compile_kernel(fn, types, constexprs, num_warps):
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"]); f.flush()
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    regs, local = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage).groups()
+    print(fn.__name__, constexprs, "registers", regs, "local bytes", local)
+    assert local == "0", f"{fn.__name__} {constexprs} spills {local} bytes"
+
+FLOATS = ["new_class_bias", "label_smoothing", "inv_tau", "kl_scale", "alpha", "beta",
+          "ce_weight", "old_weight", "new_weight"]
+ALL_ON = dict(HAS_CE=True, HAS_OLD=True, HAS_NEW=True, IS_KL=True, FOCUS_REF=True, FOCUS_STUDENT=True,
+              BIAS=TS.BIAS_VECTOR, MEAN=True, WRITE_GRAD=True)
+for dtype, target, changes, classes, streams in [
+    ("fp16", "i64", {}, 131072, 3),
+    ("bf16", "i32", dict(IS_KL=False, FOCUS_REF=False, BIAS=TS.BIAS_NEW_CLASSES, MEAN=False), 32768, 3),
+    ("fp32", "i64", dict(HAS_OLD=False, HAS_NEW=False), 131072, 1),
+    ("bf16", "i64", dict(HAS_CE=False, HAS_NEW=False, BIAS=TS.BIAS_NONE, WRITE_GRAD=False), 1000, 2),
+]:
+    block, num_warps = TS._launch_config(classes, streams)
+    types = dict(z_ptr="*" + dtype, old_ptr="*" + dtype, new_ptr="*" + dtype, grad_ptr="*" + dtype,
+                 target_ptr="*" + target, bias_ptr="*fp64", rows_ptr="*fp32", inv_count_ptr="*fp32",
+                 z_row_stride="i64", ignore_index="i64", **{name: "fp32" for name in FLOATS})
+    compile_kernel(TS._mpt_loss_kernel, types, dict(ALL_ON, **changes, BLOCK_C=block), num_warps)
+compile_kernel(TS._scale_gradient_kernel, dict(grad_ptr="*bf16", upstream_ptr="*bf16", target_ptr="*i64"),
+               dict(BLOCK=1024), 4)
+compile_kernel(TS._inverse_count_kernel, dict(target_ptr="*i32", out_ptr="*fp32", ignore_index="i64"),
+               dict(BLOCK=1024), 4)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "ptxas")) or not os.path.exists(os.path.join(bin_dir, "cuobjdump")):
+        pytest.skip("this Triton has no bundled ptxas/cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stdout + done.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------- GPU, realistic sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+@pytest.mark.parametrize("num_classes", [1000, 32768, 131072])
+def test_gpu_realistic_shapes(num_classes, dtype):
+    n, k = 4096, num_classes // 2 + 3
+    z, y, old, new = make_inputs(130, n=n, c=num_classes, k=k, dtype=dtype, ignore_rows=(0, 7, 99))
+    check("mpt_loss", z, y, old, new, focus="neg_flip", label_smoothing=0.1)
+    check("mpt_loss", z, y, old, new, kind="lm", class_bias=torch.randn(num_classes, device=DEVICE),
+          reduction="none")
+    check("margin_cross_entropy", z, y, new_class_bias=4.0, num_old_classes=k)
+    check("focal_distillation", z, old, y, focus="student_wrong", reduction="sum")
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """N * C > 2^31: rows beyond the int32 range are read and written where they belong."""
+    n, c = 16400, 131072  # n * c = 2.15e9 > 2^31
+    g = generator(140)
+    z = torch.randn(n, c, generator=g, device=DEVICE, dtype=torch.bfloat16)
+    y = torch.randint(0, c, (n,), generator=g, device=DEVICE)
+    leaf = z.requires_grad_(True)
+    rows = mpt_kernels.margin_cross_entropy(leaf, y, reduction="none", backend="triton")
+    (grad,) = torch.autograd.grad(rows.sum(), leaf)
+    tail = slice(n - 8, n)
+    expected, expected_grad = run("margin_cross_entropy", z[tail].detach(), y[tail], backend="reference",
+                                  upstream="one", reduction="sum")
+    assert_close(rows[tail].sum(), expected, torch.bfloat16, "loss")
+    assert_close(grad[tail], expected_grad, torch.bfloat16, "gradient")
