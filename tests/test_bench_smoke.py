@@ -1,0 +1,142 @@
+"""The benchmark suite's CPU smoke run: ``mpt-kernels bench --quick`` on tiny shapes.
+
+It must run without a GPU (reference vs the Triton interpreter, which conftest turns on),
+write its JSON and markdown with finite numbers, say plainly that they are not GPU
+figures, survive a provider that raises, and remake its report from the JSON alone.
+"""
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from mpt_kernels.bench import plan, providers, report, runner
+from mpt_kernels.bench.cases import CASES
+from mpt_kernels.cli import build_parser, main
+
+
+def _smoke_args(out_dir) -> list:
+    args = ["bench", "--quick", "--device", "cpu", "--out", str(out_dir)]
+    if not providers.interpreter_enabled():  # a GPU machine: no interpreter, and CPU compiles are slow
+        args += ["--provider", "reference"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    status = main(_smoke_args(out_dir))
+    (json_path,) = out_dir.glob("*.json")
+    (md_path,) = out_dir.glob("*.md")
+    return status, out_dir, json_path, json.loads(json_path.read_text()), md_path.read_text()
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_smoke_run_writes_its_files_and_says_they_are_not_gpu_figures(smoke_run):
+    status, out_dir, json_path, doc, markdown = smoke_run
+    assert status == 0
+    assert doc["complete"] is True and doc["gpu_figures"] is False
+    assert "NOT GPU figures" in doc["notice"] and "NOT GPU figures" in doc["timer"]
+    assert "NOT GPU figures" in markdown
+    assert doc["device"]["type"] == "cpu"
+    assert doc["versions"]["torch"] == torch.__version__
+    assert "commit" in doc["git"] and len(doc["source_digest"]) == 64
+    assert _finite_positive(doc["copy_bandwidth"]["bytes_per_s"])
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert len(list(out_dir.glob("*.png"))) == (2 if has_matplotlib else 0)
+
+
+def test_every_cell_that_ran_has_finite_figures(smoke_run):
+    _, _, _, doc, _ = smoke_run
+    cells = doc["cells"]
+    assert cells
+    for cell in cells:
+        assert cell["status"] in ("ok", "failed", "skipped"), cell
+        if cell["status"] != "ok":
+            assert cell["reason"], cell
+            continue
+        for field in ("median_ms", "min_ms", "min_bytes", "bytes_per_s", "copy_fraction", "first_call_s"):
+            assert _finite_positive(cell[field]), (field, cell)
+        assert cell["min_ms"] <= cell["median_ms"] <= cell["q80_ms"]
+        assert cell["reps"] >= doc["settings"]["min_reps"]
+        assert math.isfinite(cell["loss_value"])
+        assert (cell["grad_norm"] is None) == (cell["mode"] == "fwd")
+        assert cell.get("check") in (None, "ok"), cell  # a provider off the reference times the wrong thing
+    ran = {(c["loss"], c["mode"]) for c in cells if c["provider"] == "reference" and c["status"] == "ok"}
+    assert ran == {(loss, mode) for loss in CASES for mode in ("fwd", "fwd+bwd")}
+
+
+def test_min_bytes_follow_the_formulas(smoke_run):
+    _, _, _, doc, _ = smoke_run
+
+    def cell_of(loss, mode, n, c):
+        return next(x for x in doc["cells"] if (x["loss"], x["mode"], x["n"], x["c"]) == (loss, mode, n, c))
+
+    cell = cell_of("mpt_kl", "fwd+bwd", 4, 100)
+    # fp32 logits (4 x 100), old (4 x 50), new (4 x 100), int64 targets, scalar loss, gradient (4 x 100)
+    assert cell["min_bytes"] == 4 * 100 * 4 + 4 * 50 * 4 + 4 * 100 * 4 + 4 * 8 + 4 + 4 * 100 * 4
+    cell = cell_of("focal_distillation", "fwd", 4, 1000)
+    assert cell["min_bytes"] == 4 * 500 * 4 + 4 * 500 * 4 + 4 * 8 + 4
+    cell = cell_of("hill_loss", "fwd+bwd", 4, 1000)
+    assert cell["min_bytes"] == 4 * 1000 * 4 * 3 + 4
+
+
+def test_markdown_has_a_table_per_loss_and_mode(smoke_run):
+    _, _, _, doc, markdown = smoke_run
+    for loss in CASES:
+        assert f"## {loss} — forward+backward" in markdown
+        assert f"## {loss} — forward" in markdown
+    assert "| dtype | N | C | min MB |" in markdown
+
+
+def test_report_is_remade_from_the_json_alone(smoke_run, tmp_path):
+    _, _, json_path, _, markdown = smoke_run
+    assert main(["bench", "--from-json", str(json_path), "--no-plots", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / f"{json_path.stem}.md").read_text() == markdown
+
+
+def test_a_provider_that_raises_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    def build(name, case, **kwargs):
+        if name == "triton":
+            def broken(logits, inputs):
+                raise NotImplementedError("kernel still being written")
+            return broken
+        return real_build(name, case, **kwargs)
+
+    real_build = providers.build
+    monkeypatch.setattr(providers, "build", build)
+    monkeypatch.setattr(providers, "run_unavailable", lambda name, device: None)
+    monkeypatch.setattr(providers, "cell_unavailable", lambda name, case, dtype, device: None)
+    args = build_parser().parse_args(
+        ["bench", "--quick", "--device", "cpu", "--loss", "mpt_kl", "hill_loss", "--provider", "reference",
+         "triton", "--c", "50", "--no-plots", "--out", str(tmp_path)])
+    doc = runner.run_sweep(runner.resolve(args), tmp_path, write_plots=False)
+    assert doc["complete"]
+    failed = [c for c in doc["cells"] if c["provider"] == "triton"]
+    assert failed and all(c["status"] == "failed" for c in failed)
+    assert all("NotImplementedError: kernel still being written" in c["reason"] for c in failed)
+    assert all(c["status"] == "ok" for c in doc["cells"] if c["provider"] == "reference")
+    assert "## Failed cells" in report.to_markdown(doc)
+
+
+def test_the_plan_trims_repetitions_to_fit_a_budget():
+    cells = [plan.Cell("mpt_kl", 4096, c, "bf16", mode, provider, 10 * 4096 * c)
+             for c in (1000, 131072) for mode in ("fwd", "fwd+bwd") for provider in ("reference", "triton", "compile")]
+    planner = plan.Planner(cells, gpu=True, copy_bytes_per_s=4e12, flush_ms=0.05, rep_ms=100.0, min_reps=5,
+                           max_reps=100, untimed_calls=4, compile_dynamic=True)
+    full, least = planner.estimate(0, 100.0), planner.estimate(0, 0.0)
+    assert least < full
+    assert planner.choose_rep_ms(0, None) == 100.0
+    assert planner.choose_rep_ms(0, full + 1) == 100.0
+    assert planner.choose_rep_ms(0, least / 2) == 0.0
+    middle = planner.choose_rep_ms(0, 0.5 * (least + full))
+    assert 0.0 < middle < 100.0 and planner.estimate(0, middle) <= 0.5 * (least + full)
+    # a provider measured twice as slow as planned doubles its share of the estimate
+    before = planner.estimate(1)
+    planner.record(0, 100.0, wall_s=1000.0, first_call_s=0.0)
+    assert planner.estimate(1) > before
