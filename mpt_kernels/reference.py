@@ -44,7 +44,10 @@ def margin_bias(args: SoftmaxLossArgs, dtype: torch.dtype) -> Optional[Tensor]:
         return None
     num_classes = args.logits.shape[1]
     is_new = torch.arange(num_classes, device=args.logits.device) >= args.num_old_classes
-    return torch.where(is_new, args.new_class_bias, 0.0).to(dtype)
+    # built in the compute dtype: a where() of two Python floats would round b to float32
+    return torch.zeros(num_classes, dtype=dtype, device=args.logits.device).masked_fill(
+        is_new, args.new_class_bias
+    )
 
 
 def cross_entropy_rows(z: Tensor, y: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
@@ -105,9 +108,12 @@ def focal_distillation_rows(
 def softmax_family_rows(args: SoftmaxLossArgs) -> tuple[Tensor, Tensor]:
     """Per-row loss L_i (0 on ignored rows) and the mask of counted rows."""
     dtype = compute_dtype(args.logits.dtype)
-    z = args.logits.to(dtype)
-    num_classes = z.shape[1]
     counted = args.target != args.ignore_index
+    # Ignored rows contribute nothing, even NaN: their inputs are replaced by zeros, so
+    # that no 0 · NaN reaches their gradient.
+    keep = counted[:, None]
+    z = torch.where(keep, args.logits.to(dtype), 0.0)
+    num_classes = z.shape[1]
     in_range = (args.target >= 0) & (args.target < num_classes)
     # Ignored rows (and, on a GPU, rows whose target is out of range) read class 0;
     # their loss is replaced below, so nothing reads outside the row.
@@ -119,10 +125,10 @@ def softmax_family_rows(args: SoftmaxLossArgs) -> tuple[Tensor, Tensor]:
             z, y, margin_bias(args, dtype), args.label_smoothing
         )
     if args.old_logits is not None and args.old_weight != 0.0:
-        old = args.old_logits.detach().to(dtype)
+        old = torch.where(keep, args.old_logits.detach().to(dtype), 0.0)
         rows = rows + args.old_weight * focal_distillation_rows(z[:, : old.shape[1]], old, y, args)
     if args.new_logits is not None and args.new_weight != 0.0:
-        new = args.new_logits.detach().to(dtype)
+        new = torch.where(keep, args.new_logits.detach().to(dtype), 0.0)
         rows = rows + args.new_weight * focal_distillation_rows(z, new, y, args)
 
     # An out-of-range target (only reachable on a GPU, see _validation) poisons its row.

@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# The CPU tests use tiny tensors, for which a second intra-op thread adds only latency;
+# on a loaded 2-core machine a descheduled OpenMP worker turns a 0.2 ms op into tens of ms.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -26,8 +26,6 @@ import torch
 
 pytest.importorskip("triton")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 import mpt_kernels  # noqa: E402
 from mpt_kernels import reference as R  # noqa: E402

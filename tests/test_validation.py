@@ -200,7 +200,7 @@ def test_teacher_columns(namespace):
     # new_logits must have exactly C columns
     expect_error(call_mpt, namespace, ValueError, rf"new_logits must have {C} columns", new=x["new"][:, :-1])
     # old_logits must agree with an explicit num_old_classes
-    expect_error(call_mpt, namespace, ValueError, rf"old_logits must have 2 columns", num_old_classes=2)
+    expect_error(call_mpt, namespace, ValueError, r"old_logits must have 2 columns", num_old_classes=2)
     # zero columns
     expect_error(call_fd, namespace, ValueError, r"ref_logits must have between 1 and", old=torch.randn(N, 0))
     expect_error(call_mpt, namespace, ValueError, r"old_logits must have between 1 and", old=torch.randn(N, 0))

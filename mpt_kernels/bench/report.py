@@ -190,7 +190,7 @@ def to_markdown(doc: dict) -> str:
         + (f", liger-kernel {versions['liger_kernel']}" if versions.get("liger_kernel") else ""),
         f"- timing: {doc['timer']}",
         f"- copy bandwidth (torch copy, read + write): {copy['bytes_per_s'] / 1e9:.0f} GB/s",
-        f"- each cell: `time ms · min bytes / time as a fraction of the copy bandwidth · peak memory above the inputs`;"
+        "- each cell: `time ms · min bytes / time as a fraction of the copy bandwidth · peak memory above the inputs`;"
         " ⚠ marks a loss or gradient norm off the eager reference by more than "
         + ", ".join(f"{v:g} ({k})" for k, v in TOLERANCE.items()) + " (relative)",
         f"- torch.compile: {'dynamic' if doc['settings']['compile']['dynamic'] else 'static'} shapes, default mode",

@@ -166,5 +166,4 @@ def copy_bandwidth(clock, nbytes: int, reps: int) -> dict:
     step()
     clock.sync()
     median_ms = statistics.median(clock.time_calls(step, reps))
-    del source, target
     return {"bytes_each_way": nbytes, "median_ms": median_ms, "bytes_per_s": 2 * nbytes / (median_ms * 1e-3)}
