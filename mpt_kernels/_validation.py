@@ -235,7 +235,7 @@ def _check_class_bias(class_bias, logits: Tensor) -> Tensor:
     return class_bias
 
 
-def _resolve_bias(class_bias, num_old_classes, new_class_bias, logits, *, what_sets_old):
+def _resolve_bias(class_bias, num_old_classes, new_class_bias, logits, *, old_name):
     """Returns (class_bias, num_old_classes, new_class_bias) in the normalised form."""
     num_classes = logits.shape[1]
     new_class_bias = check_float("new_class_bias", new_class_bias)
@@ -246,7 +246,7 @@ def _resolve_bias(class_bias, num_old_classes, new_class_bias, logits, *, what_s
         if new_class_bias != 0.0:
             raise ValueError(
                 f"new_class_bias={new_class_bias} needs to know which classes are new: pass "
-                f"num_old_classes{what_sets_old} (or class_bias)"
+                f"num_old_classes{f' or {old_name}' if old_name else ''} (or class_bias)"
             )
         return None, num_classes, 0.0
     return None, num_old_classes, new_class_bias
@@ -276,6 +276,8 @@ def check_softmax_family(
     logits_name="logits",
     old_name="old_logits",
 ) -> SoftmaxLossArgs:
+    """Validates and normalises; ``old_name`` is what the caller calls the old source
+    (None where its signature has none)."""
     logits = _check_logits(logits_name, logits)
     num_classes = logits.shape[1]
     if num_classes < 1:
@@ -304,7 +306,7 @@ def check_softmax_family(
         new_logits = _check_teacher("new_logits", new_logits, logits, logits_name, num_classes)
 
     class_bias, num_old_classes, new_class_bias = _resolve_bias(
-        class_bias, num_old_classes, new_class_bias, logits, what_sets_old=" or old_logits"
+        class_bias, num_old_classes, new_class_bias, logits, old_name=old_name
     )
     if num_old_classes is None:
         num_old_classes = num_classes

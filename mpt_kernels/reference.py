@@ -283,7 +283,7 @@ def margin_cross_entropy_args(
         new_class_bias=new_class_bias, label_smoothing=label_smoothing,
         ignore_index=ignore_index, kind="kl", tau=1.0, alpha=1.0, beta=0.0,
         focus="all", scale_by_tau_sq=False, ce_weight=1.0, old_weight=0.0, new_weight=0.0,
-        reduction=reduction,
+        reduction=reduction, old_name=None,
     )
 
 
