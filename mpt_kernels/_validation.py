@@ -287,7 +287,7 @@ def check_softmax_family(
     focus = check_choice("focus", focus, FOCUS_MODES)
     reduction = check_choice("reduction", reduction, SOFTMAX_REDUCTIONS)
     scale_by_tau_sq = check_bool("scale_by_tau_sq", scale_by_tau_sq)
-    ignore_index = check_int("ignore_index", ignore_index)
+    ignore_index = check_int("ignore_index", ignore_index, low=-(2**63), high=2**63 - 1)  # int64
     tau = check_float("tau", tau, low=0.0, low_open=True)
     alpha = check_float("alpha", alpha, low=0.0)
     beta = check_float("beta", beta, low=0.0)

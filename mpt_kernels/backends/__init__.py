@@ -11,7 +11,7 @@ import importlib
 # backend module -> the reason it failed to import, or None when it loaded
 IMPORT_ERRORS: dict = {}
 
-_BACKEND_MODULES = ("reference", "triton")
+_BACKEND_MODULES = ("reference", "triton", "cuda")
 
 
 def load_backends() -> None:

@@ -1,0 +1,621 @@
+"""The ``cuda`` backend against the reference, on a GPU, at realistic shapes.
+
+Every loss and option, in float32, float16 and bfloat16, with an upstream gradient
+other than 1, reduction "none" with a random upstream gradient, row counts and class
+counts that are not multiples of a block (small rows, rows kept in registers, rows
+streamed in chunks), poisoned memory under the gradient buffer, non-contiguous and
+misaligned rows, and bitwise determinism. The reference runs on the same device.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import mpt_kernels as mk
+from mpt_kernels._registry import select_backend
+from mpt_kernels.backends import cuda as cuda_backend
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+BACKEND = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# relative tolerance of each dtype's rounding; absolute ones scale with the tensor
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _backend_ready():
+    reason = cuda_backend._status()
+    if reason is not None:
+        pytest.fail(f"the cuda backend cannot run on this GPU machine: {reason}")
+
+
+# --------------------------------------------------------------------------- helpers
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.dtype == expected.dtype == dtype, what
+    assert actual.shape == expected.shape, what
+    rtol = TOLERANCE[dtype]
+    finite = expected[torch.isfinite(expected)]
+    scale = max(1e-30, finite.abs().max().item()) if finite.numel() else 1.0
+    torch.testing.assert_close(
+        actual.float(), expected.float(), rtol=rtol, atol=rtol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def loss_and_grad(function, logits, *args, upstream=None, backend, **options):
+    """The loss and the logits' gradient for an upstream gradient (default: 1.7)."""
+    x = logits.detach().clone().requires_grad_(True)
+    loss = function(x, *args, backend=backend, **options)
+    if upstream is None:
+        upstream = torch.full_like(loss, 1.7)
+    loss.backward(upstream)
+    return loss.detach(), x.grad
+
+
+def check_against_reference(function, logits, *args, upstream=None, **options):
+    dtype = logits.dtype
+    loss, grad = loss_and_grad(function, logits, *args, upstream=upstream, backend=BACKEND, **options)
+    ref_loss, ref_grad = loss_and_grad(function, logits, *args, upstream=upstream, backend="reference", **options)
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(grad, ref_grad, dtype, "gradient")
+    return loss, grad
+
+
+def random_upstream(loss: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=loss.device).manual_seed(seed)
+    return (torch.rand(loss.shape, generator=g, device=loss.device) * 2 - 0.5).to(loss.dtype)
+
+
+def softmax_inputs(n, c, k, dtype, seed, *, scale=3.0, ignored=0.1, device=DEVICE):
+    """Logits, old (n, k) and new (n, c) teachers and targets, with rows where the
+    teachers and the student are right, so every focus mode sees both outcomes."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn(n, c, generator=g, device=device) * scale
+    old = torch.randn(n, k, generator=g, device=device) * scale
+    new = torch.randn(n, c, generator=g, device=device) * scale
+    y = torch.randint(0, c, (n,), generator=g, device=device)
+    rows = torch.arange(n, device=device)
+    teacher_right = rows % 2 == 0
+    old_right = teacher_right & (y < k)
+    old[rows[old_right], y[old_right]] += 4 * scale
+    new[rows[teacher_right], y[teacher_right]] += 4 * scale
+    student_right = rows % 3 == 0
+    z[rows[student_right], y[student_right]] += 4 * scale
+    y[torch.rand(n, generator=g, device=device) < ignored] = -100
+    return z.to(dtype), old.to(dtype), new.to(dtype), y
+
+
+def multilabel_inputs(n, c, dtype, target_dtype, seed, *, device=DEVICE):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, c, generator=g, device=device) * 3
+    positive = torch.rand(n, c, generator=g, device=device) < 0.3
+    if target_dtype == torch.bool:
+        targets = positive
+    elif target_dtype.is_floating_point:  # soft-ish labels around the 0.5 threshold
+        targets = torch.where(positive, 0.75, 0.25).to(target_dtype)
+        targets[0, : min(c, 3)] = 0.5  # exactly 0.5 is negative
+    else:
+        targets = positive.to(target_dtype) * 3
+    return x.to(dtype), targets
+
+
+def poison_allocator(*shapes_and_dtypes) -> None:
+    """Leaves NaN in the caching allocator's free blocks, so that a buffer the kernels
+    fail to write shows up as NaN instead of happening to hold zeros."""
+    blocks = [torch.full(shape, float("nan"), dtype=dtype, device=DEVICE) for shape, dtype in shapes_and_dtypes]
+    del blocks
+
+
+# --------------------------------------------------------------------------- registration
+def test_registered_after_triton_on_cuda_tensors():
+    x = torch.zeros(2, 3, device=DEVICE)
+    backend = select_backend("softmax", "cuda", x)
+    assert backend.name == "cuda" and backend.auto_rank("softmax", x) == 20.0
+    assert cuda_backend._C.cuda_runtime_version() >= 12000
+
+
+def test_refuses_cpu_and_float64():
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        mk.margin_cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), backend="cuda")
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        mk.margin_cross_entropy(
+            torch.randn(3, 4, device=DEVICE, dtype=torch.float64), torch.tensor([0, 1, 2], device=DEVICE),
+            backend="cuda",
+        )
+
+
+# --------------------------------------------------------------------------- softmax family: every option
+SOURCES = {"old": (True, False), "new": (False, True), "both": (True, True)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["kl", "lm"])
+@pytest.mark.parametrize("focus", ["ref_correct", "neg_flip", "student_wrong", "all"])
+@pytest.mark.parametrize("sources", list(SOURCES))
+@pytest.mark.parametrize("bias", ["none", "new_class", "vector"])
+def test_mpt_loss_options(dtype, kind, focus, sources, bias):
+    seed = hash((kind, focus, sources, bias)) % 10_000
+    n, c, k = 256, 1000, 611
+    z, old, new, y = softmax_inputs(n, c, k, dtype, seed)
+    use_old, use_new = SOURCES[sources]
+    options = dict(
+        kind=kind, focus=focus, tau=[5.0, 2.0, 0.7][seed % 3], alpha=0.5, beta=3.0,
+        scale_by_tau_sq=seed % 2 == 0, label_smoothing=[0.0, 0.1][seed % 2], ce_weight=0.9,
+        old_weight=0.7, new_weight=1.3, new_class_bias=0.0, reduction=["mean", "sum"][seed % 2],
+    )
+    if bias == "new_class":
+        options.update(new_class_bias=4.0, num_old_classes=k)
+    if bias == "vector":
+        options.update(class_bias=torch.linspace(-2, 3, c, device=DEVICE, dtype=torch.float64))
+    check_against_reference(mk.mpt_loss, z, y, old if use_old else None, new if use_new else None, **options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_margin_cross_entropy(dtype, reduction, epsilon):
+    z, _, _, y = softmax_inputs(300, 1234, 700, dtype, 1)
+    check_against_reference(
+        mk.margin_cross_entropy, z, y, num_old_classes=700, new_class_bias=2.0, label_smoothing=epsilon,
+        reduction=reduction,
+    )
+    class_bias = torch.randn(1234, device=DEVICE, dtype=torch.float16)  # any float dtype, applied in float32
+    check_against_reference(mk.margin_cross_entropy, z, y.clamp(min=0).to(torch.int32), class_bias=class_bias,
+                            ignore_index=7, label_smoothing=epsilon, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["kl", "lm"])
+@pytest.mark.parametrize("focus", ["ref_correct", "neg_flip", "student_wrong", "all"])
+def test_focal_distillation_with_fewer_reference_classes(dtype, kind, focus):
+    z, old, _, y = softmax_inputs(200, 1500, 1000, dtype, 2)
+    check_against_reference(
+        mk.focal_distillation, z, old, y, kind=kind, focus=focus, tau=4.0, scale_by_tau_sq=True, reduction="mean",
+    )
+
+
+# --------------------------------------------------------------------------- softmax family: shapes
+# small rows (one 16-byte slot per thread), rows kept in registers (up to 8192 classes),
+# and streamed rows (several chunks); class counts not multiples of any block
+SHAPES = [(333, 1), (333, 7), (512, 100), (256, 1000), (128, 1025), (64, 4099), (64, 8192), (32, 8193), (16, 21843),
+          (8, 50000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, c", SHAPES)
+def test_mpt_loss_shapes(dtype, n, c):
+    k = max(1, (2 * c) // 3)
+    z, old, new, y = softmax_inputs(n, c, k, dtype, c)
+    check_against_reference(mk.mpt_loss, z, y, old, new, new_class_bias=4.0, label_smoothing=0.05, focus="neg_flip")
+    check_against_reference(mk.mpt_loss, z, y, old, None, kind="lm", new_class_bias=1.0, reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, c", [(512, 100), (64, 4099), (16, 21843)])
+def test_reduction_none_with_random_upstream(dtype, n, c):
+    z, old, new, y = softmax_inputs(n, c, c // 2, dtype, 3)
+    loss, _ = loss_and_grad(mk.mpt_loss, z, y, old, new, backend="reference", reduction="none")
+    upstream = random_upstream(loss, 4)
+    upstream[:3] = 1  # rows left as they are by the scaling kernel
+    loss, grad = check_against_reference(mk.mpt_loss, z, y, old, new, upstream=upstream, reduction="none")
+    assert (loss[y == -100] == 0).all() and (grad[y == -100] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_upstream_strides_and_exact_one(reduction):
+    z, old, new, y = softmax_inputs(64, 999, 500, torch.float32, 5)
+    # an upstream gradient of exactly 1 (the scaling kernel returns at once), and an
+    # expanded one (stride 0) as `loss.sum().backward()` gives for "none"
+    for make_upstream in (lambda l: torch.ones_like(l), lambda l: torch.full((), 0.3, device=DEVICE).expand_as(l)):
+        loss, _ = loss_and_grad(mk.mpt_loss, z, y, old, new, backend="reference", reduction=reduction)
+        check_against_reference(mk.mpt_loss, z, y, old, new, upstream=make_upstream(loss), reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_rows_ignored_and_empty_batch(dtype):
+    z, old, new, y = softmax_inputs(40, 300, 200, dtype, 6)
+    y[:] = -100
+    loss, grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND)
+    assert loss.item() == 0.0 and (grad == 0).all()
+    empty = torch.empty(0, 300, device=DEVICE, dtype=dtype)
+    target = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = loss_and_grad(mk.mpt_loss, empty, target, None, None, new_class_bias=0.0,
+                                   reduction=reduction, backend=BACKEND)
+        assert grad.shape == empty.shape
+        if reduction == "none":
+            assert loss.shape == (0,)
+        else:
+            assert loss.item() == 0.0
+
+
+def test_ignored_rows_keep_zero_gradient_for_a_nan_upstream():
+    # as the reference: an ignored (or out-of-range) row's gradient is 0, not 0 * NaN
+    z, old, new, y = softmax_inputs(64, 700, 400, torch.float32, 24, ignored=0.0)
+    y[[0, 3]] = -100
+    y[5] = 700
+    for reduction, upstream in (("none", torch.full((64,), float("nan"), device=DEVICE)),
+                                ("sum", torch.tensor(float("nan"), device=DEVICE))):
+        _, grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, reduction=reduction,
+                                upstream=upstream)
+        assert (grad[[0, 3, 5]] == 0).all()
+        assert torch.isnan(grad[[1, 2, 4, 6]]).all()
+
+
+def test_no_gradient_buffer_without_autograd():
+    n, c = 4096, 8000  # 128 MiB of float32 per N x C buffer
+    z, old, new, y = softmax_inputs(n, c, 4000, torch.float32, 25)
+    x, t = multilabel_inputs(n, c, torch.float32, torch.bool, 26)
+    leaf = z.clone().requires_grad_(True)
+    for grad_mode, logits in ((torch.no_grad, leaf), (torch.enable_grad, z), (torch.no_grad, x)):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with grad_mode():
+            if logits is x:
+                loss = mk.hill_loss(logits, t, backend=BACKEND)
+            else:
+                loss = mk.mpt_loss(logits, y, old, new, backend=BACKEND)
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak < n * c * 4 // 2  # no N x C gradient was allocated
+        if logits is x:
+            expected = mk.hill_loss(logits, t, backend="reference")
+        else:
+            expected = mk.mpt_loss(logits.detach(), y, old, new, backend="reference")
+        assert_close(loss.detach(), expected, torch.float32, "loss")
+
+
+# --------------------------------------------------------------------------- softmax family: numerics
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_classes_stay_finite(dtype):
+    z, old, new, y = softmax_inputs(128, 2000, 1200, dtype, 7)
+    g = torch.Generator(device=DEVICE).manual_seed(8)
+    mask = torch.rand(z.shape, generator=g, device=DEVICE) < 0.3
+    mask[torch.arange(128, device=DEVICE), y.clamp(min=0)] = False  # the targets are never masked
+    z[mask] = float("-inf")
+    old[mask[:, :1200]] = float("-inf")
+    new[mask] = float("-inf")
+    old[0] = float("-inf")  # an old model sure of class 5
+    old[0, 5] = 1.0
+    z[0, 5] = 0.5
+    loss, grad = check_against_reference(mk.mpt_loss, z, y, old, new, new_class_bias=2.0, num_old_classes=1200,
+                                         focus="neg_flip", reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_propagates(dtype):
+    z, old, new, y = softmax_inputs(64, 777, 400, dtype, 9)
+    y[:] = 1
+    z[3, 100] = float("nan")
+    old[5, 7] = float("nan")
+    new[9, 700] = float("nan")
+    loss, _ = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, reduction="none")
+    assert torch.isnan(loss[[3, 5, 9]]).all()
+    assert torch.isfinite(loss[[0, 1, 2, 4, 6, 7, 8]]).all()
+    loss, _ = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND)
+    assert torch.isnan(loss)
+
+
+def test_extreme_logits():
+    z, old, new, y = softmax_inputs(64, 3000, 2000, torch.float32, 10, scale=1e4)
+    loss, grad = check_against_reference(mk.mpt_loss, z, y, old, new, new_class_bias=4.0, label_smoothing=0.1)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_out_of_range_target_poisons_its_row_without_reading_out_of_bounds():
+    z, old, new, y = softmax_inputs(64, 500, 300, torch.float32, 11)
+    y[[2, 5]] = torch.tensor([500, -3], device=DEVICE)
+    loss, grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, reduction="none")
+    torch.cuda.synchronize()
+    assert torch.isnan(loss[[2, 5]]).all() and (grad[[2, 5]] == 0).all()
+    valid = torch.ones(64, dtype=torch.bool, device=DEVICE)
+    valid[[2, 5]] = False
+    assert torch.isfinite(loss[valid]).all()
+
+
+def test_argmax_ties_in_bfloat16():
+    # bf16 logits tie often; the lowest index must win as in torch.argmax
+    n, c = 512, 300
+    g = torch.Generator(device=DEVICE).manual_seed(12)
+    z = (torch.randint(0, 4, (n, c), generator=g, device=DEVICE).float()).to(torch.bfloat16)
+    old = (torch.randint(0, 4, (n, c), generator=g, device=DEVICE).float()).to(torch.bfloat16)
+    y = old.float().argmax(dim=1)
+    y[::2] = torch.randint(0, c, (n // 2,), generator=g, device=DEVICE)
+    for focus in ("ref_correct", "neg_flip", "student_wrong"):
+        check_against_reference(mk.focal_distillation, z, old, y, kind="lm", focus=focus, reduction="none",
+                                upstream=torch.ones(n, device=DEVICE, dtype=torch.bfloat16))
+
+
+# --------------------------------------------------------------------------- memory layouts
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["padded_rows", "misaligned_rows", "transposed", "strided_target"])
+def test_non_contiguous_inputs(dtype, layout):
+    n, c, k = 96, 1003, 500
+    z, old, new, y = softmax_inputs(n, c, k, dtype, 13)
+
+    def relayout(t):
+        if layout == "padded_rows":  # row stride > C, rows still 16-byte aligned: vector loads
+            width = 8 * ((t.shape[1] + 7) // 8) + 16
+            wide = torch.full((t.shape[0], width), float("nan"), dtype=t.dtype, device=DEVICE)
+            wide[:, : t.shape[1]] = t
+            return wide[:, : t.shape[1]]
+        if layout == "misaligned_rows":  # offset by one element: scalar loads
+            wide = torch.full((t.shape[0], t.shape[1] + 1), float("nan"), dtype=t.dtype, device=DEVICE)
+            wide[:, 1:] = t
+            return wide[:, 1:]
+        if layout == "transposed":  # column stride != 1: copied
+            return t.t().contiguous().t()
+        return t
+
+    target = y
+    if layout == "strided_target":
+        target = torch.stack([y, y], dim=1)[:, 0]
+        assert target.stride(0) == 2
+    zs, olds, news = relayout(z), relayout(old), relayout(new)
+    assert torch.equal(zs, z)
+    loss, grad = check_against_reference(mk.mpt_loss, zs, target, olds, news, new_class_bias=3.0,
+                                         num_old_classes=k, label_smoothing=0.1)
+    contiguous_loss, contiguous_grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND,
+                                                     new_class_bias=3.0, num_old_classes=k, label_smoothing=0.1)
+    assert torch.equal(loss, contiguous_loss) and torch.equal(grad, contiguous_grad)
+
+
+# --------------------------------------------------------------------------- buffers, determinism, streams
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [100, 3000, 20000])
+def test_poisoned_gradient_buffer(dtype, c):
+    n = 128
+    z, old, new, y = softmax_inputs(n, c, c // 2, dtype, 14, ignored=0.3)
+    y[0] = 10**6  # out of range: zero gradient, NaN loss
+    for reduction in ("mean", "none"):
+        poison_allocator(((n, c), dtype), ((n, c), dtype), ((n,), torch.float32), ((n,), dtype))
+        loss, grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, reduction=reduction,
+                                   upstream=torch.ones((n,) if reduction == "none" else (), device=DEVICE,
+                                                       dtype=dtype))
+        assert not torch.isnan(grad).any()
+        assert (grad[y == -100] == 0).all() and (grad[0] == 0).all()
+        if reduction == "none":
+            assert (loss[y == -100] == 0).all() and torch.isnan(loss[0])
+            assert torch.isfinite(loss[1:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic(dtype):
+    z, old, new, y = softmax_inputs(1024, 5000, 3000, dtype, 15)
+    first = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, new_class_bias=4.0, num_old_classes=3000)
+    for _ in range(3):
+        again = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, new_class_bias=4.0, num_old_classes=3000)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    x, t = multilabel_inputs(2048, 1000, dtype, torch.bool, 16)
+    first = loss_and_grad(mk.hill_loss, x, t, backend=BACKEND)
+    for _ in range(3):
+        again = loss_and_grad(mk.hill_loss, x, t, backend=BACKEND)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_no_host_synchronisation():
+    z, old, new, y = softmax_inputs(256, 4000, 2000, torch.bfloat16, 17)
+    x, t = multilabel_inputs(256, 500, torch.float16, torch.float32, 18)
+    bias = torch.randn(4000, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for reduction in ("mean", "none"):
+            loss_and_grad(mk.mpt_loss, z, y, old, new, class_bias=bias, reduction=reduction, backend=BACKEND,
+                          upstream=torch.ones((256,) if reduction == "none" else (), device=DEVICE,
+                                              dtype=torch.bfloat16))
+            loss_and_grad(mk.splc_loss, x, t, epoch=3, reduction=reduction, backend=BACKEND,
+                          upstream=torch.ones(x.shape if reduction == "none" else (), device=DEVICE,
+                                              dtype=torch.float16))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_runs_on_the_current_stream():
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        z, old, new, y = softmax_inputs(512, 8000, 4000, torch.float32, 19)
+        loss, grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, new_class_bias=0.0)
+        ref = loss_and_grad(mk.mpt_loss, z, y, old, new, backend="reference", new_class_bias=0.0)
+    stream.synchronize()
+    assert_close(loss, ref[0], torch.float32, "loss")
+    assert_close(grad, ref[1], torch.float32, "gradient")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    device = torch.device("cuda", 1)
+    z, old, new, y = softmax_inputs(64, 1000, 500, torch.float32, 20, device=device)
+    loss, grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, new_class_bias=0.0)
+    ref = loss_and_grad(mk.mpt_loss, z, y, old, new, backend="reference", new_class_bias=0.0)
+    assert loss.device == grad.device == device
+    torch.testing.assert_close(loss, ref[0], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref[1], rtol=2e-5, atol=1e-7)
+
+
+def test_cuda_graph_capture():
+    z, old, new, y = softmax_inputs(128, 2000, 1000, torch.float32, 21)
+    x, t = multilabel_inputs(128, 300, torch.float32, torch.bool, 22)
+    expected = (mk.mpt_loss(z, y, old, new, backend=BACKEND), mk.hill_loss(x, t, backend=BACKEND))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        mk.mpt_loss(z, y, old, new, backend=BACKEND)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = (mk.mpt_loss(z, y, old, new, backend=BACKEND), mk.hill_loss(x, t, backend=BACKEND))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+
+
+def test_torch_compile_fullgraph():
+    z, old, new, y = softmax_inputs(128, 1000, 600, torch.float32, 23)
+
+    def step(logits):
+        return mk.mpt_loss(logits, y, old, new, backend=BACKEND, num_old_classes=600)
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager = loss_and_grad(lambda x, backend: step(x), z, backend=BACKEND)
+    traced = loss_and_grad(lambda x, backend: compiled(x), z, backend=BACKEND)
+    torch.testing.assert_close(traced[0], eager[0])
+    torch.testing.assert_close(traced[1], eager[1])
+
+
+# --------------------------------------------------------------------------- multi-label family
+TARGET_DTYPES = [torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64]
+MULTILABEL_SHAPES = [(1, 1), (333, 13), (256, 80), (64, 1000), (32, 9605)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target_dtype", TARGET_DTYPES)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_hill_and_splc_dtypes(dtype, target_dtype, reduction):
+    x, t = multilabel_inputs(256, 80, dtype, target_dtype, 30)
+    loss, _ = loss_and_grad(mk.hill_loss, x, t, backend="reference", reduction=reduction)
+    upstream = random_upstream(loss, 31) if reduction == "none" else None
+    check_against_reference(mk.hill_loss, x, t, upstream=upstream, reduction=reduction)
+    check_against_reference(mk.splc_loss, x, t, upstream=upstream, epoch=2, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, c", MULTILABEL_SHAPES)
+def test_multilabel_shapes(dtype, n, c):
+    x, t = multilabel_inputs(n, c, dtype, torch.bool, c)
+    check_against_reference(mk.hill_loss, x, t, reduction="mean")
+    check_against_reference(mk.splc_loss, x, t, epoch=5, reduction="sum")
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.5])
+@pytest.mark.parametrize("lamb, margin", [(1.5, 1.0), (1.0, 0.0)])
+def test_hill_parameters(gamma, lamb, margin):
+    x, t = multilabel_inputs(128, 500, torch.float32, torch.bool, 32)
+    check_against_reference(mk.hill_loss, x, t, lamb=lamb, margin=margin, gamma=gamma)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 3.3])
+@pytest.mark.parametrize("epoch, change_epoch", [(0, 1), (1, 1), (7, 2)])
+@pytest.mark.parametrize("tau, margin", [(0.6, 1.0), (0.3, 0.0)])
+def test_splc_parameters(gamma, epoch, change_epoch, tau, margin):
+    x, t = multilabel_inputs(128, 500, torch.float32, torch.bool, 33)
+    check_against_reference(mk.splc_loss, x, t, epoch=epoch, change_epoch=change_epoch, tau=tau, margin=margin,
+                            gamma=gamma)
+
+
+def test_splc_correction_starts_at_change_epoch_and_is_strict():
+    x, t = multilabel_inputs(64, 300, torch.float32, torch.bool, 40)
+    losses = {
+        epoch: check_against_reference(mk.splc_loss, x, t, epoch=epoch, change_epoch=3, reduction="none",
+                                        upstream=random_upstream(x, 41))[0]
+        for epoch in (0, 2, 3, 7)
+    }
+    assert torch.equal(losses[0], losses[2]) and torch.equal(losses[3], losses[7])
+    assert not torch.equal(losses[2], losses[3])
+    # σ(0) = 0.5: with τ = 0.5 a negative at x = 0 is not corrected (σ(x) > τ is strict)
+    x = torch.tensor([[0.0, 1e-3]], device=DEVICE).repeat(3, 1)
+    t = torch.zeros(x.shape, dtype=torch.bool, device=DEVICE)
+    loss = mk.splc_loss(x, t, epoch=1, tau=0.5, reduction="none", backend=BACKEND)
+    corrected = -torch.nn.functional.logsigmoid(torch.tensor(1e-3)) * torch.sigmoid(torch.tensor(-1e-3)) ** 2
+    torch.testing.assert_close(loss[0].cpu(), torch.tensor([0.25 * 0.6931471805599453, corrected.item()]))
+
+
+def test_multilabel_expanded_upstream_of_none():
+    x, t = multilabel_inputs(50, 70, torch.float32, torch.bool, 42)
+    check_against_reference(mk.hill_loss, x, t, reduction="none",
+                            upstream=torch.tensor(0.37, device=DEVICE).expand(50, 70))
+    upstream = torch.rand(70, device=DEVICE).expand(50, 70)  # stride (0, 1)
+    check_against_reference(mk.hill_loss, x, t, reduction="none", upstream=upstream)
+
+
+@pytest.mark.parametrize("layout", ["misaligned_rows", "padded_rows", "transposed"])
+def test_multilabel_non_contiguous(layout):
+    x, t = multilabel_inputs(100, 333, torch.float16, torch.float32, 34)
+    if layout == "misaligned_rows":
+        xs = torch.zeros(100, 334, dtype=x.dtype, device=DEVICE)[:, 1:]
+        ts = torch.zeros(100, 334, dtype=t.dtype, device=DEVICE)[:, 1:]
+    elif layout == "padded_rows":
+        xs = torch.zeros(100, 400, dtype=x.dtype, device=DEVICE)[:, :333]
+        ts = torch.zeros(100, 400, dtype=t.dtype, device=DEVICE)[:, :333]
+    else:
+        xs = torch.zeros(333, 100, dtype=x.dtype, device=DEVICE).t()
+        ts = torch.zeros(333, 100, dtype=t.dtype, device=DEVICE).t()
+    xs.copy_(x)
+    ts.copy_(t)
+    loss, grad = check_against_reference(mk.splc_loss, xs, ts, epoch=3)
+    assert torch.equal(loss, mk.splc_loss(x, t, epoch=3, backend=BACKEND))
+
+
+def test_multilabel_extremes_and_nan():
+    x = torch.tensor([[1e4, -1e4, 0.0, 50.0, -50.0, float("nan")]], device=DEVICE).repeat(4, 1)
+    t = torch.tensor([[1, 1, 1, 0, 0, 1]], dtype=torch.bool, device=DEVICE).repeat(4, 1)
+    t[1] = ~t[1]
+    for function, options in ((mk.hill_loss, {}), (mk.splc_loss, {"epoch": 3})):
+        loss, grad = loss_and_grad(function, x, t, backend=BACKEND, reduction="none", upstream=torch.ones_like(x),
+                                   **options)
+        assert torch.isfinite(loss[:, :5]).all() and torch.isfinite(grad[:, :5]).all()
+        assert torch.isnan(loss[:, 5]).all() and torch.isnan(grad[:, 5]).all()
+        check_against_reference(function, x[:, :5], t[:, :5], **options)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_multilabel_poisoned_and_empty(reduction):
+    x, t = multilabel_inputs(64, 1000, torch.bfloat16, torch.uint8, 35)
+    poison_allocator(((64, 1000), torch.bfloat16), ((64, 1000), torch.bfloat16), ((2048,), torch.float32))
+    loss, grad = check_against_reference(mk.hill_loss, x, t, reduction=reduction)
+    assert not torch.isnan(loss).any() and not torch.isnan(grad).any()
+    empty = torch.empty(0, 10, device=DEVICE)
+    loss, grad = loss_and_grad(mk.hill_loss, empty, empty > 0, backend=BACKEND, reduction=reduction)
+    assert grad.shape == (0, 10)
+    if reduction != "none":
+        assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype, n, c", list(itertools.product(DTYPES, [4096], [2000])))
+def test_multilabel_large_sum_is_accurate(dtype, n, c):
+    x, t = multilabel_inputs(n, c, dtype, torch.bool, 36)
+    check_against_reference(mk.hill_loss, x, t, reduction="sum")
+    check_against_reference(mk.splc_loss, x, t, epoch=1, reduction="mean")
+
+
+# --------------------------------------------------------------------------- beyond int32 offsets
+def test_softmax_beyond_int32_offsets():
+    # N * C > 2^31: the last rows sit past every int32 offset (and C streams in 16 chunks)
+    n, c = 16400, 131072
+    g = torch.Generator(device=DEVICE).manual_seed(50)
+    z = torch.randn(n, c, generator=g, device=DEVICE, dtype=torch.bfloat16)
+    y = torch.randint(0, c, (n,), generator=g, device=DEVICE)
+    leaf = z.requires_grad_(True)
+    rows = mk.margin_cross_entropy(leaf, y, reduction="none", backend=BACKEND)
+    (grad,) = torch.autograd.grad(rows.sum(), leaf)
+    for part in (slice(0, 8), slice(n - 8, n)):
+        expected, expected_grad = loss_and_grad(mk.margin_cross_entropy, z[part].detach(), y[part],
+                                                backend="reference", reduction="none",
+                                                upstream=torch.ones(8, device=DEVICE, dtype=torch.bfloat16))
+        assert_close(rows[part].detach(), expected, torch.bfloat16, "loss")
+        assert_close(grad[part], expected_grad, torch.bfloat16, "gradient")
+
+
+def test_multilabel_beyond_int32_offsets():
+    c = 65539
+    n = 2**31 // c + 2
+    g = torch.Generator(device=DEVICE).manual_seed(51)
+    x = torch.randn(n, c, generator=g, device=DEVICE, dtype=torch.bfloat16) * 2
+    t = torch.rand(n, c, generator=g, device=DEVICE) < 0.3
+    leaf = x.requires_grad_(True)
+    total = mk.hill_loss(leaf, t, reduction="sum", backend=BACKEND)
+    total.backward()
+    expected = sum(
+        mk.hill_loss(x[i : i + 4096].detach().float(), t[i : i + 4096], backend="reference").double()
+        for i in range(0, n, 4096)
+    )
+    assert abs(total.item() - expected.item()) <= TOLERANCE[torch.bfloat16] * abs(expected.item())
+    for part in (slice(0, 16), slice(n - 16, n)):
+        _, expected_grad = loss_and_grad(mk.hill_loss, x[part].detach(), t[part], backend="reference",
+                                         upstream=torch.tensor(1.0, device=DEVICE, dtype=torch.bfloat16))
+        assert_close(leaf.grad[part], expected_grad, torch.bfloat16, "gradient")

@@ -1,0 +1,464 @@
+"""The CUDA kernels' shared math (csrc/loss_math.cuh), run on the host, against the reference.
+
+``mpt_kernels._C`` compiles the same ``__host__ __device__`` functions the kernels call
+into host entry points over CPU float32 buffers (csrc/host_math.cpp). A row is split
+into lanes merged in a tree, as a block's threads split and merge it, so the online
+softmax and argmax merges are exercised too. The reference runs in float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+from mpt_kernels import reference
+from mpt_kernels._validation import check_hill, check_splc
+from mpt_kernels.backends import cuda as cuda_backend
+
+_C = cuda_backend._C
+needs_extension = pytest.mark.skipif(_C is None, reason=f"{cuda_backend.EXTENSION_ERROR}")
+INF, NAN = math.inf, math.nan
+
+
+@pytest.mark.skipif(os.environ.get("MPT_KERNELS_CUDA") != "1", reason="the extension is optional here")
+def test_extension_is_built_when_required():
+    # CI installs with MPT_KERNELS_CUDA=1: then these tests must run, not skip.
+    assert _C is not None, cuda_backend.EXTENSION_ERROR
+
+
+# --------------------------------------------------------------------------- helpers
+def _host_unary(function, x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    function(x=x.data_ptr(), out=out.data_ptr(), n=x.numel())
+    return out
+
+
+def _host_reduce(function, values, lanes: int, slot: int):
+    x = torch.tensor(values, dtype=torch.float32)
+    return function(values=x.data_ptr(), n=x.numel(), lanes=lanes, slot=slot)
+
+
+def _assert_same_nan(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), (actual, expected)
+
+
+# --------------------------------------------------------------------------- sigmoid forms
+EXTREMES = [0.0, 1.0, -1.0, 0.5, -0.5, 20.0, -20.0, 88.0, -88.0, 100.0, -100.0, 1e4, -1e4, 3e38, -3e38, INF, -INF]
+
+
+@needs_extension
+def test_log_sigmoid_and_sigmoid_are_finite_and_exact_at_extremes():
+    x = torch.cat([torch.tensor(EXTREMES), torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 10])
+    x64 = x.double()
+    log_sigmoid = _host_unary(_C.host_log_sigmoid, x)
+    sigmoid = _host_unary(_C.host_sigmoid, x)
+    torch.testing.assert_close(log_sigmoid.double(), torch.nn.functional.logsigmoid(x64), rtol=2e-7, atol=1e-30)
+    torch.testing.assert_close(sigmoid.double(), torch.sigmoid(x64), rtol=2e-7, atol=1e-38)
+    finite = torch.isfinite(x)
+    assert torch.isfinite(log_sigmoid[finite]).all()  # never log(σ(x)) = log(0)
+    assert log_sigmoid[x == -1e4].item() == -1e4
+    nan = torch.tensor([NAN])
+    assert torch.isnan(_host_unary(_C.host_log_sigmoid, nan)).all()
+    assert torch.isnan(_host_unary(_C.host_sigmoid, nan)).all()
+
+
+# --------------------------------------------------------------------------- multi-label elements
+def _multilabel_inputs(seed: int, margin: float):
+    g = torch.Generator().manual_seed(seed)
+    special = torch.tensor(EXTREMES[:13] + [margin, margin + 1e-3, margin - 1e-3])
+    x = torch.cat([torch.randn(3000, generator=g) * 4, torch.randn(500, generator=g) * 40, special, special])
+    positive = torch.rand(x.shape, generator=g) < 0.4
+    positive[-2 * special.numel() : -special.numel()] = True
+    positive[-special.numel() :] = False
+    return x.to(torch.float32), positive
+
+
+def _host_multilabel(args, x32: torch.Tensor, positive: torch.Tensor):
+    loss = torch.empty_like(x32)
+    grad = torch.empty_like(x32)
+    positive_bytes = positive.to(torch.uint8).contiguous()
+    _C.host_multilabel(
+        math=cuda_backend.multilabel_params(args), x=x32.data_ptr(), positive=positive_bytes.data_ptr(),
+        n=x32.numel(), loss=loss.data_ptr(), grad=grad.data_ptr(),
+    )
+    return loss, grad
+
+
+def _reference_elements(args_of, x32: torch.Tensor, targets: torch.Tensor):
+    x64 = x32.double().reshape(1, -1).requires_grad_(True)
+    elements = reference.multilabel_elements(args_of(x64, targets.reshape(1, -1)))
+    (grad,) = torch.autograd.grad(elements.sum(), x64)
+    return elements.detach().reshape(-1), grad.reshape(-1)
+
+
+def _assert_elements_close(host, expected):
+    loss, grad = host
+    ref_loss, ref_grad = expected
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@needs_extension
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 2.5, 4.3])
+@pytest.mark.parametrize("lamb, margin", [(1.5, 1.0), (1.0, 0.0), (2.0, 0.7)])
+def test_hill_elements_match_reference(gamma, lamb, margin):
+    x, positive = _multilabel_inputs(1, margin)
+
+    def args_of(logits, targets):
+        return check_hill(logits, targets, lamb=lamb, margin=margin, gamma=gamma, reduction="none")
+
+    host = _host_multilabel(args_of(x.reshape(1, -1), positive.reshape(1, -1)), x, positive)
+    _assert_elements_close(host, _reference_elements(args_of, x, positive))
+
+
+@needs_extension
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 2.5, 4.3])
+@pytest.mark.parametrize("epoch, change_epoch", [(0, 1), (1, 1), (5, 1), (3, 10)])
+@pytest.mark.parametrize("tau, margin", [(0.6, 1.0), (0.3, 0.0), (0.9, 0.5)])
+def test_splc_elements_match_reference(gamma, epoch, change_epoch, tau, margin):
+    x, positive = _multilabel_inputs(2, margin)
+
+    def args_of(logits, targets):
+        return check_splc(
+            logits, targets, epoch=epoch, tau=tau, change_epoch=change_epoch, margin=margin, gamma=gamma,
+            reduction="none",
+        )
+
+    args = args_of(x.reshape(1, -1), positive.reshape(1, -1))
+    assert cuda_backend.multilabel_params(args).correct_negatives == (epoch >= change_epoch)
+    host = _host_multilabel(args, x, positive)
+    expected = _reference_elements(args_of, x, positive)
+    _assert_elements_close(host, expected)
+    if epoch >= change_epoch:  # the correction happened somewhere: a negative scored as positive
+        corrected = ~positive & (torch.sigmoid(x) > tau)
+        assert corrected.any()
+
+
+@needs_extension
+def test_multilabel_nan_logit_gives_nan():
+    x = torch.tensor([NAN, NAN, 1.0], dtype=torch.float32)
+    positive = torch.tensor([True, False, True])
+    for args in (
+        check_hill(x.reshape(1, -1), positive.reshape(1, -1), lamb=1.5, margin=1.0, gamma=2.0, reduction="none"),
+        check_splc(x.reshape(1, -1), positive.reshape(1, -1), epoch=3, tau=0.6, change_epoch=1, margin=1.0,
+                   gamma=2.0, reduction="none"),
+    ):
+        loss, grad = _host_multilabel(args, x, positive)
+        assert torch.isnan(loss[:2]).all() and torch.isnan(grad[:2]).all()
+        assert torch.isfinite(loss[2]) and torch.isfinite(grad[2])
+
+
+# --------------------------------------------------------------------------- online softmax merge
+LANE_SPLITS = [(1, 1), (2, 1), (8, 4), (32, 4), (4, 8)]
+
+
+@needs_extension
+@pytest.mark.parametrize("lanes, slot", LANE_SPLITS)
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.3, -1.2, 2.5, 0.0, 7.0, -3.0, 1.0, 1.0, 2.0],
+        [1e4, -1e4, 0.0, 9999.0, -3.0],
+        [-INF, 1.0, -INF, 2.0, -INF, -INF, -INF, -INF, -INF, -INF, 0.5],
+        [-INF] * 40 + [1.0, 2.0],  # whole lanes hold only masked classes
+        [1.0, 2.0] + [-INF] * 40,
+        [-INF] * 7,  # everything masked: -inf, not NaN
+        [-1e4] * 33,
+    ],
+)
+def test_logsumexp_merge(values, lanes, slot):
+    expected = torch.logsumexp(torch.tensor(values, dtype=torch.float64), dim=0).item()
+    actual = _host_reduce(_C.host_logsumexp, values, lanes, slot)
+    assert not math.isnan(actual)
+    assert actual == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+@needs_extension
+@pytest.mark.parametrize("lanes, slot", LANE_SPLITS)
+def test_logsumexp_merge_propagates_nan(lanes, slot):
+    for position in (0, 5, 20):
+        values = [0.5 * k for k in range(24)]
+        values[position] = NAN
+        assert math.isnan(_host_reduce(_C.host_logsumexp, values, lanes, slot))
+    values = [-INF] * 24
+    values[13] = NAN
+    assert math.isnan(_host_reduce(_C.host_logsumexp, values, lanes, slot))
+
+
+@needs_extension
+@pytest.mark.parametrize("lanes, slot", LANE_SPLITS)
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1.0, 3.0, 2.0, 3.0],
+        [0.0] * 9 + [5.0] + [0.0] * 20 + [5.0] + [5.0],
+        [-INF] * 11,
+        [-INF, -INF, -1e4, -1e4],
+        [1.0, NAN, 3.0, NAN],
+        [-INF] * 30 + [NAN],
+    ],
+)
+def test_argmax_merge_matches_torch_ties_and_nan(values, lanes, slot):
+    expected = torch.argmax(torch.tensor(values, dtype=torch.float32)).item()
+    assert _host_reduce(_C.host_argmax, values, lanes, slot) == expected
+
+
+@needs_extension
+def test_lanes_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        _host_reduce(_C.host_logsumexp, [1.0, 2.0], 3, 1)
+
+
+# --------------------------------------------------------------------------- softmax family rows
+N, C, K = 18, 37, 23
+
+
+def _softmax_data(seed: int, *, scale: float = 3.0):
+    """Student, teachers and targets with rows where the teachers and the student are
+    right (so every focus mode has both outcomes) and argmax ties."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, C, generator=g) * scale
+    old = torch.randn(N, K, generator=g) * scale
+    new = torch.randn(N, C, generator=g) * scale
+    y = torch.randint(0, K, (N,), generator=g)
+    y[::5] = torch.randint(K, C, (y[::5].numel(),), generator=g)  # new classes: the old model is never right
+    for i in range(0, N, 2):  # teachers right
+        if y[i] < K:
+            old[i, y[i]] += 4 * scale
+        new[i, y[i]] += 4 * scale
+    for i in range(0, N, 3):  # student right
+        z[i, y[i]] += 4 * scale
+    # ties: the lowest index wins the argmax
+    old[1] = 0.0
+    old[1, 2] = old[1, 7] = 3.0
+    new[1] = 0.0
+    new[1, 2] = new[1, 7] = 3.0
+    y[1] = 2
+    old[3] = 0.0
+    old[3, 2] = old[3, 7] = 3.0
+    y[3] = 7
+    z[3] = 0.0
+    z[3, 2] = z[3, 7] = 1.0
+    return z, old, new, y
+
+
+def _host_rows(args, *, lanes=8, slot=4, with_grad=True):
+    row = cuda_backend.softmax_row_params(args)
+    z = args.logits.to(torch.float32).contiguous()
+    old = args.old_logits.to(torch.float32).contiguous() if row.has_old else None
+    new = args.new_logits.to(torch.float32).contiguous() if row.has_new else None
+    bias = args.class_bias.to(torch.float32).contiguous() if (row.has_ce and args.class_bias is not None) else None
+    target = args.target.to(torch.int64).contiguous()
+    loss = torch.empty(z.shape[0], dtype=torch.float32)
+    grad = torch.empty_like(z) if with_grad else None
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    _C.host_softmax_rows(
+        row=row, num_rows=z.shape[0], logits=ptr(z), old_logits=ptr(old), new_logits=ptr(new),
+        class_bias=ptr(bias), target=ptr(target), **cuda_backend.ignore_index_arguments(args.ignore_index),
+        lanes=lanes, slot=slot, loss=ptr(loss), grad=ptr(grad),
+    )
+    return loss, grad
+
+
+def _reference_rows(make_args, z, old, new, y):
+    """Per-row losses and d(Σ rows)/dz in float64 (rows are independent)."""
+    z64 = z.double().requires_grad_(True)
+    args = make_args(z64, None if old is None else old.double(), None if new is None else new.double(), y)
+    rows, _ = reference.softmax_family_rows(args)
+    (grad,) = torch.autograd.grad(rows.sum(), z64)
+    return rows.detach(), grad
+
+
+def _check_rows(make_args, z, old, new, y, *, lanes=8, slot=4, rtol=1e-5, atol=1e-5):
+    host_loss, host_grad = _host_rows(make_args(z, old, new, y), lanes=lanes, slot=slot)
+    ref_loss, ref_grad = _reference_rows(make_args, z, old, new, y)
+    torch.testing.assert_close(host_loss.double(), ref_loss, rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(host_grad.double(), ref_grad, rtol=rtol, atol=atol, equal_nan=True)
+    return host_loss, host_grad
+
+
+def _mpt(**options):
+    defaults = dict(
+        new_class_bias=0.0, num_old_classes=None, class_bias=None, kind="kl", tau=5.0, alpha=1.0,
+        beta=5.0, focus="ref_correct", scale_by_tau_sq=False, ce_weight=1.0, old_weight=None,
+        new_weight=None, label_smoothing=0.0, ignore_index=-100, reduction="none",
+    )
+    defaults.update(options)
+    return lambda z, old, new, y: reference.mpt_loss_args(z, y, old, new, **defaults)
+
+
+SOURCES = {"old": (True, False), "new": (False, True), "both": (True, True)}
+BIASES = ["none", "new_class", "vector"]
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", ["kl", "lm"])
+@pytest.mark.parametrize("focus", ["ref_correct", "neg_flip", "student_wrong", "all"])
+@pytest.mark.parametrize("sources", list(SOURCES))
+@pytest.mark.parametrize("bias", BIASES)
+def test_mpt_rows_match_reference(kind, focus, sources, bias):
+    seed = hash((kind, focus, sources, bias)) % 1000
+    z, old, new, y = _softmax_data(seed)
+    use_old, use_new = SOURCES[sources]
+    options = dict(kind=kind, focus=focus, tau=[5.0, 2.0, 0.7][seed % 3], alpha=0.5, beta=3.0,
+                   scale_by_tau_sq=seed % 2 == 0, label_smoothing=[0.0, 0.1][seed % 2],
+                   old_weight=0.7, new_weight=1.3, ce_weight=0.9)
+    if bias == "new_class":
+        options.update(new_class_bias=2.5, num_old_classes=K)
+    if bias == "vector":
+        options.update(class_bias=torch.linspace(-2.0, 3.0, C).to(torch.float16))  # any float dtype
+    y[4] = y[9] = -100  # ignored rows
+    _check_rows(_mpt(**options), z, old if use_old else None, new if use_new else None, y)
+
+
+@needs_extension
+@pytest.mark.parametrize("lanes, slot", LANE_SPLITS)
+def test_rows_do_not_depend_on_the_split(lanes, slot):
+    z, old, new, y = _softmax_data(7)
+    loss, grad = _check_rows(_mpt(label_smoothing=0.2, scale_by_tau_sq=True), z, old, new, y, lanes=lanes, slot=slot)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@needs_extension
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 1.0])
+def test_margin_cross_entropy_rows(epsilon):
+    z, _, _, y = _softmax_data(11)
+    for make_args in (
+        lambda z_, o, n, y_: reference.margin_cross_entropy_args(
+            z_, y_, class_bias=None, num_old_classes=K, new_class_bias=4.0, label_smoothing=epsilon,
+            ignore_index=-100, reduction="none"),
+        lambda z_, o, n, y_: reference.margin_cross_entropy_args(
+            z_, y_, class_bias=torch.randn(C, generator=torch.Generator().manual_seed(3)).double(),
+            num_old_classes=None, new_class_bias=0.0, label_smoothing=epsilon, ignore_index=5,
+            reduction="none"),
+    ):
+        _check_rows(make_args, z, None, None, y)
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", ["kl", "lm"])
+@pytest.mark.parametrize("focus", ["ref_correct", "neg_flip", "student_wrong", "all"])
+def test_focal_distillation_rows(kind, focus):
+    z, old, _, y = _softmax_data(13)
+
+    def make_args(z_, o, n, y_):
+        return reference.focal_distillation_args(
+            z_, o, y_, kind=kind, tau=3.0, alpha=1.0, beta=5.0, focus=focus, scale_by_tau_sq=True,
+            ignore_index=-100, reduction="none")
+
+    args = make_args(z, old, None, y)
+    row = cuda_backend.softmax_row_params(args)
+    assert not row.has_ce and row.has_old and not row.has_new and row.num_old_classes == K
+    _check_rows(make_args, z, old, None, y)
+
+
+@needs_extension
+def test_focus_weights_follow_argmax_ties():
+    # rows 1 and 3 of _softmax_data tie the teachers' maximum at classes 2 and 7
+    z, old, new, y = _softmax_data(17)
+    weights = {}
+    for focus in ("ref_correct", "all"):
+        make_args = _mpt(kind="lm", focus=focus, ce_weight=0.0, alpha=1.0, beta=5.0, old_weight=1.0, new_weight=0.0)
+        loss, _ = _check_rows(make_args, z, old, None, y)
+        weights[focus] = loss
+    ratio = weights["ref_correct"] / weights["all"]
+    assert ratio[1].item() == pytest.approx(6.0)  # y = 2: the tie goes to 2, the teacher is right
+    assert ratio[3].item() == pytest.approx(1.0)  # y = 7: the tie goes to 2, the teacher is wrong
+
+
+@needs_extension
+def test_extreme_logits():
+    z, old, new, y = _softmax_data(19, scale=1e4)
+    z[0, :5] = torch.tensor([1e4, -1e4, 1e4, -1e4, 0.0])
+    loss, grad = _check_rows(_mpt(new_class_bias=4.0, num_old_classes=K, label_smoothing=0.1), z, old, new, y,
+                             rtol=1e-5, atol=2e-2)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@needs_extension
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_masked_classes(epsilon):
+    z, old, new, y = _softmax_data(23)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(N, C, generator=g) < 0.3
+    mask[torch.arange(N), y] = False  # the target itself is never masked
+    z[mask] = -INF
+    old[mask[:, :K]] = -INF  # the teachers mask those classes too
+    new[mask] = -INF
+    old[0, :5] = -INF  # a teacher class masked where the student is not
+    z[0, :5] = 1.0
+    old[2, :] = -INF
+    old[2, 0] = 1.0  # a teacher sure of one class
+    loss, grad = _check_rows(_mpt(label_smoothing=epsilon, focus="neg_flip"), z, old, new, y)
+    assert not torch.isnan(loss).any() and not torch.isnan(grad).any()
+    if epsilon == 0.0:
+        assert torch.isfinite(loss).all()
+    else:  # (ε/C) Σ_j (LSE - z̃_j) over a masked class: +inf, as in the reference
+        assert torch.isinf(loss[mask.any(dim=1)]).all()
+    # a student class masked where a teacher still gives it probability: KL = +inf, as in the reference
+    new[mask] = 0.0
+    loss, grad = _check_rows(_mpt(label_smoothing=epsilon), z, old, new, y)
+    assert torch.isposinf(loss[mask.any(dim=1)]).all() and not torch.isnan(grad).any()
+
+
+@needs_extension
+def test_nan_propagates_to_its_row_only():
+    z, old, new, y = _softmax_data(29)
+    z[2, 5] = NAN
+    old[4, 1] = NAN
+    new[6, 30] = NAN
+    y[8] = -100
+    z[8, 3] = NAN  # an ignored row stays 0, its gradient too
+    loss, grad = _host_rows(_mpt()(z, old, new, y))
+    ref_loss, ref_grad = _reference_rows(_mpt(), z, old, new, y)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isnan(loss[[2, 4, 6]]).all()
+    assert loss[8].item() == 0.0 and (grad[8] == 0).all()
+    # (the reference's autograd leaks 0 * NaN = NaN into the ignored row's gradient)
+    rows = [i for i in range(N) if i != 8]
+    torch.testing.assert_close(grad[rows].double(), ref_grad[rows], rtol=1e-5, atol=1e-5, equal_nan=True)
+    others = [i for i in range(N) if i not in (2, 4, 6, 8)]
+    assert torch.isfinite(loss[others]).all() and torch.isfinite(grad[others]).all()
+
+
+@needs_extension
+def test_out_of_range_target_gives_nan_row_and_no_gradient():
+    z, old, new, y = _softmax_data(31)
+    y[3], y[5], y[7] = C, -1, -100
+    loss, grad = _host_rows(_mpt()(z, old, new, y))
+    assert torch.isnan(loss[[3, 5]]).all() and loss[7].item() == 0.0
+    assert (grad[[3, 5, 7]] == 0).all()
+    ref_loss, ref_grad = _reference_rows(_mpt(), z, old, new, y)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_extension
+def test_ignore_index_outside_int64_matches_nothing():
+    z, old, new, y = _softmax_data(37)
+    arguments = cuda_backend.ignore_index_arguments(2**70)
+    assert arguments == {"has_ignore_index": False, "ignore_index": 0}
+    assert cuda_backend.ignore_index_arguments(-100) == {"has_ignore_index": True, "ignore_index": -100}
+    loss, grad = _host_rows(_mpt(ignore_index=2**70)(z, old, new, y))
+    # the reference cannot compare int64 targets with 2**70; -12345 matches no target either
+    ref_loss, ref_grad = _reference_rows(_mpt(ignore_index=-12345), z, old, new, y)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_extension
+def test_single_class_and_k_equal_c():
+    g = torch.Generator().manual_seed(41)
+    z = torch.randn(5, 1, generator=g)
+    y = torch.zeros(5, dtype=torch.int64)
+    _check_rows(_mpt(), z, z.clone() + 0.5, z.clone() - 0.5, y)
+    z = torch.randn(6, 9, generator=g)
+    y = torch.randint(0, 9, (6,), generator=g)
+    for kind, focus in itertools.product(("kl", "lm"), ("neg_flip", "all")):
+        _check_rows(_mpt(kind=kind, focus=focus), z, torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g), y)
