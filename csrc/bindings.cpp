@@ -132,6 +132,8 @@ PYBIND11_MODULE(_C, m) {
       "nor in rows whose target (when given) is ignored or out of range.");
 
   m.def("cuda_runtime_version", &cuda_runtime_version, "Version of the CUDA runtime linked into _C (e.g. 13000).");
+  m.def("cuda_driver_version", &cuda_driver_version,
+        "CUDA version the installed driver supports (e.g. 13000), 0 without a driver.");
 
   // ------------------------------------------------------------------------- host math (CPU buffers)
   m.def(

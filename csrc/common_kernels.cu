@@ -129,4 +129,10 @@ int cuda_runtime_version() {
   return version;
 }
 
+int cuda_driver_version() {
+  int version = 0;
+  MPT_CUDA_CHECK(cudaDriverGetVersion(&version));  // needs no context; 0 without a driver
+  return version;
+}
+
 }  // namespace mpt

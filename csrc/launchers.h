@@ -89,5 +89,6 @@ void softmax_forward(const SoftmaxForwardArgs& args, const Launch& launch);
 void multilabel_forward(const MultilabelForwardArgs& args, const Launch& launch);
 void scale_gradient(const ScaleGradientArgs& args, const Launch& launch);
 int cuda_runtime_version();  // of the (static) CUDA runtime linked into _C
+int cuda_driver_version();   // CUDA version the installed driver supports; 0: no driver
 
 }  // namespace mpt

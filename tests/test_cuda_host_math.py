@@ -8,6 +8,7 @@ softmax and argmax merges are exercised too. The reference runs in float64.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -445,7 +446,11 @@ def test_ignore_index_outside_int64_matches_nothing():
     arguments = cuda_backend.ignore_index_arguments(2**70)
     assert arguments == {"has_ignore_index": False, "ignore_index": 0}
     assert cuda_backend.ignore_index_arguments(-100) == {"has_ignore_index": True, "ignore_index": -100}
-    loss, grad = _host_rows(_mpt(ignore_index=2**70)(z, old, new, y))
+    # validation now keeps ignore_index inside int64; the backend's guard still holds for
+    # a record that bypasses it
+    with pytest.raises(ValueError, match="ignore_index"):
+        _mpt(ignore_index=2**70)(z, old, new, y)
+    loss, grad = _host_rows(dataclasses.replace(_mpt()(z, old, new, y), ignore_index=2**70))
     # the reference cannot compare int64 targets with 2**70; -12345 matches no target either
     ref_loss, ref_grad = _reference_rows(_mpt(ignore_index=-12345), z, old, new, y)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
@@ -462,3 +467,14 @@ def test_single_class_and_k_equal_c():
     y = torch.randint(0, 9, (6,), generator=g)
     for kind, focus in itertools.product(("kl", "lm"), ("neg_flip", "all")):
         _check_rows(_mpt(kind=kind, focus=focus), z, torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g), y)
+
+
+def test_driver_too_old_for_the_static_runtime():
+    # _C links the CUDA runtime statically: it runs on a driver of the same major version
+    # or newer, and the backend's status says so instead of failing at the first launch
+    assert cuda_backend.driver_too_old(13000, 13000) is None
+    assert cuda_backend.driver_too_old(13000, 13020) is None
+    assert cuda_backend.driver_too_old(12080, 13000) is None
+    reason = cuda_backend.driver_too_old(13000, 12080)
+    assert "CUDA 13.0 runtime" in reason and "CUDA 12.8 only" in reason
+    assert "no NVIDIA driver" in cuda_backend.driver_too_old(13000, 0)

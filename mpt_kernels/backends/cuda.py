@@ -15,6 +15,7 @@ for the GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional
 
@@ -50,6 +51,17 @@ def _with_unit_column_stride(tensor: torch.Tensor) -> torch.Tensor:
 
 def _launch(device: torch.device) -> dict:
     return {"device": device.index, "stream": torch.cuda.current_stream(device).cuda_stream}
+
+
+def _on_device(device: torch.device):
+    """torch's device guard around a _C call.
+
+    _C's static CUDA runtime selects the device with cudaSetDevice, which makes that
+    GPU's context current on the thread; torch's own runtime reads the same driver state,
+    so without the guard a call on cuda:1 tensors would leave torch's current device at 1.
+    The guard restores it afterwards (and never creates a context on another GPU).
+    """
+    return torch.cuda.device(device)
 
 
 def _address(tensor: Optional[torch.Tensor]) -> int:
@@ -108,28 +120,29 @@ def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
     counted_rows = torch.empty(1, dtype=torch.int64, device=device) if args.reduction == "mean" else None
     loss = torch.empty((), dtype=dtype, device=device) if args.reduction != "none" else None
     grad = torch.empty((num_rows, num_classes), dtype=dtype, device=device) if needs_grad else None
-    _C.softmax_forward(
-        row=row,
-        dtype=_C.DTYPES[_dtype_name(dtype)],
-        num_rows=num_rows,
-        logits=logits.data_ptr(),
-        logits_row_stride=logits.stride(0),
-        old_logits=_address(old),
-        old_row_stride=0 if old is None else old.stride(0),
-        new_logits=_address(new),
-        new_row_stride=0 if new is None else new.stride(0),
-        class_bias=_address(bias),
-        target=args.target.data_ptr(),
-        target_stride=args.target.stride(0),
-        target_is_int64=args.target.dtype == torch.int64,
-        **ignore_index_arguments(args.ignore_index),
-        reduction=_C.REDUCTIONS[args.reduction],
-        row_loss=row_loss.data_ptr(),
-        counted_rows=_address(counted_rows),
-        loss=_address(loss),
-        grad=_address(grad),
-        **_launch(device),
-    )
+    with _on_device(device):
+        _C.softmax_forward(
+            row=row,
+            dtype=_C.DTYPES[_dtype_name(dtype)],
+            num_rows=num_rows,
+            logits=logits.data_ptr(),
+            logits_row_stride=logits.stride(0),
+            old_logits=_address(old),
+            old_row_stride=0 if old is None else old.stride(0),
+            new_logits=_address(new),
+            new_row_stride=0 if new is None else new.stride(0),
+            class_bias=_address(bias),
+            target=args.target.data_ptr(),
+            target_stride=args.target.stride(0),
+            target_is_int64=args.target.dtype == torch.int64,
+            **ignore_index_arguments(args.ignore_index),
+            reduction=_C.REDUCTIONS[args.reduction],
+            row_loss=row_loss.data_ptr(),
+            counted_rows=_address(counted_rows),
+            loss=_address(loss),
+            grad=_address(grad),
+            **_launch(device),
+        )
     if args.reduction == "none":
         loss = row_loss.to(dtype)
     return loss, ([grad] if needs_grad else [])
@@ -167,23 +180,24 @@ def _multilabel_forward(args: MultiLabelLossArgs, needs_grad: bool):
         loss = torch.empty((), dtype=dtype, device=device)
         partials = torch.empty(_C.MULTILABEL_MAX_BLOCKS, dtype=torch.float32, device=device)
     grad = torch.empty((num_rows, num_cols), dtype=dtype, device=device) if needs_grad else None
-    _C.multilabel_forward(
-        math=multilabel_params(args),
-        dtype=_C.DTYPES[_dtype_name(dtype)],
-        target_dtype=_C.DTYPES[_dtype_name(targets.dtype)],
-        num_rows=num_rows,
-        num_cols=num_cols,
-        logits=logits.data_ptr(),
-        logits_row_stride=logits.stride(0),
-        targets=targets.data_ptr(),
-        targets_row_stride=targets.stride(0),
-        reduction=_C.REDUCTIONS[args.reduction],
-        grad_scale=1.0 / numel if args.reduction == "mean" and numel > 0 else 1.0,
-        partials=_address(partials),
-        loss=_address(loss),
-        grad=_address(grad),
-        **_launch(device),
-    )
+    with _on_device(device):
+        _C.multilabel_forward(
+            math=multilabel_params(args),
+            dtype=_C.DTYPES[_dtype_name(dtype)],
+            target_dtype=_C.DTYPES[_dtype_name(targets.dtype)],
+            num_rows=num_rows,
+            num_cols=num_cols,
+            logits=logits.data_ptr(),
+            logits_row_stride=logits.stride(0),
+            targets=targets.data_ptr(),
+            targets_row_stride=targets.stride(0),
+            reduction=_C.REDUCTIONS[args.reduction],
+            grad_scale=1.0 / numel if args.reduction == "mean" and numel > 0 else 1.0,
+            partials=_address(partials),
+            loss=_address(loss),
+            grad=_address(grad),
+            **_launch(device),
+        )
     return loss, ([grad] if needs_grad else [])
 
 
@@ -213,18 +227,19 @@ def _scale_saved_gradient(grad_loss: torch.Tensor, saved: list, args) -> None:
         )
     else:
         rows = dict(target=0, target_stride=0, target_is_int64=True, has_ignore_index=False, ignore_index=0)
-    _C.scale_gradient(
-        dtype=_C.DTYPES[_dtype_name(grad.dtype)],
-        num_rows=grad.shape[0],
-        num_cols=grad.shape[1],
-        grad=grad.data_ptr(),
-        upstream=upstream.data_ptr(),
-        mode=_C.UPSTREAM_MODES[mode],
-        upstream_stride0=strides[0],
-        upstream_stride1=strides[1],
-        **rows,
-        **_launch(grad.device),
-    )
+    with _on_device(grad.device):
+        _C.scale_gradient(
+            dtype=_C.DTYPES[_dtype_name(grad.dtype)],
+            num_rows=grad.shape[0],
+            num_cols=grad.shape[1],
+            grad=grad.data_ptr(),
+            upstream=upstream.data_ptr(),
+            mode=_C.UPSTREAM_MODES[mode],
+            upstream_stride0=strides[0],
+            upstream_stride1=strides[1],
+            **rows,
+            **_launch(grad.device),
+        )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -240,12 +255,38 @@ def _why_not(family: str, device: torch.device, dtype: torch.dtype) -> Optional[
     return None
 
 
+def driver_too_old(runtime_version: int, driver_version: int) -> Optional[str]:
+    """Why _C's statically linked CUDA runtime cannot run on this driver, or None.
+
+    A CUDA runtime runs on any driver of its major version or newer (minor version
+    compatibility); versions are CUDA's integers, 1000 * major + 10 * minor.
+    """
+    if driver_version // 1000 >= runtime_version // 1000:
+        return None
+
+    def name(version: int) -> str:
+        return f"{version // 1000}.{version % 1000 // 10}"
+
+    if driver_version <= 0:
+        return f"mpt_kernels._C links the CUDA {name(runtime_version)} runtime, but no NVIDIA driver was found"
+    return (
+        f"mpt_kernels._C links the CUDA {name(runtime_version)} runtime statically, but the NVIDIA "
+        f"driver supports CUDA {name(driver_version)} only: update the driver, or rebuild _C with a "
+        f"CUDA {driver_version // 1000} toolkit"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _driver_status() -> Optional[str]:
+    return driver_too_old(_C.cuda_runtime_version(), _C.cuda_driver_version())
+
+
 def _status() -> Optional[str]:
     if EXTENSION_ERROR is not None:
         return EXTENSION_ERROR
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
-    return None
+    return _driver_status()
 
 
 def _auto_rank(family: str, logits: torch.Tensor) -> float:
