@@ -7,8 +7,8 @@ partial-sum and scaling kernels loop more than once. Tests marked ``gpu`` run th
 launch configuration at realistic sizes.
 
 Tolerances, per logits dtype (``TOLERANCE``): the kernels and the reference both compute
-in float32 and round the result once to the logits' dtype (the kernel rounds the
-gradient a second time when it scales it by an upstream scalar other than 1). So float32
+in float32 and round the result once to the logits' dtype, whatever the upstream gradient
+(``test_single_rounding`` checks the one rounding to within one unit). So float32
 gets 1e-5 relative (a few float32 ulps of differently ordered arithmetic), float16 and
 bfloat16 two units in the last place of their own format (2^-9, 2^-7 relative); an
 absolute slack of 1e-5 of the largest expected magnitude covers elements that cancel to
@@ -29,8 +29,8 @@ pytest.importorskip("triton")
 
 import mpt_kernels  # noqa: E402
 from mpt_kernels import reference as R  # noqa: E402
+from mpt_kernels._validation import check_hill, check_splc  # noqa: E402
 from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
-from mpt_kernels._validation import check_splc  # noqa: E402
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -134,7 +134,7 @@ def test_matches_reference(name, dtype, reduction):
 @pytest.mark.parametrize("reduction", ("sum", "mean"))
 @pytest.mark.parametrize("name", LOSSES)
 def test_backward_of_one(name, reduction):
-    # loss.backward(): the upstream scalar is 1, the scaling kernel returns at once
+    # loss.backward(): the upstream scalar is 1, the backward kernel returns at once
     x, t = make_inputs(3)
     loss, grad = check_against_reference(
         name, x, t, reduction=reduction, upstream=torch.tensor(1.0, device=DEVICE), **default_options(name)
@@ -142,6 +142,76 @@ def test_backward_of_one(name, reduction):
     leaf = x.clone().requires_grad_(True)
     getattr(mpt_kernels, f"{name}_loss")(leaf, t, reduction=reduction, backend="triton", **default_options(name)).backward()
     assert torch.equal(leaf.grad, grad)
+
+
+def units_in_last_place(value: torch.Tensor) -> torch.Tensor:
+    """The spacing of ``value``'s dtype at each |value| (subnormal spacing near 0), in float32."""
+    magnitude = value.abs()
+    return (torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)).float() - magnitude.float())
+
+
+@pytest.mark.parametrize("reduction", ("sum", "mean", "none"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("name", LOSSES)
+def test_single_rounding(name, dtype, reduction):
+    # dℓ/dx · g (/ N·C) is computed in float32 and rounded once into the dtype, as the
+    # reference does: within one unit of its result (float32 arithmetic in another order
+    # may land on the other side of a rounding boundary), never the up-to-1.5 units of
+    # rounding dℓ/dx first and the product again
+    x, t = make_inputs(41, dtype, n=12)
+    upstream = make_upstream(reduction, x, 42)
+    _, grad = loss_and_grad("triton", name, x, t, upstream, reduction=reduction, **default_options(name))
+    _, expected = loss_and_grad("reference", name, x, t, upstream, reduction=reduction, **default_options(name))
+    assert grad.dtype == dtype and (expected != 0).float().mean() > 0.9  # not underflowed to 0
+    error = (grad.float() - expected.float()).abs()
+    assert bool((error <= units_in_last_place(expected)).all()), error.max()
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_float16_mean_with_loss_scale(name):
+    # The float16 AMP recipe: "mean" over N·C elements, the loss scaled by 2^15
+    # (GradScaler). dℓ/dx / (N·C) lies below float16's normal range for half the elements, so
+    # a gradient stored for g = 1 and then multiplied by 2^15 would have lost most of its
+    # bits to the subnormal spacing (6e-8 · 2^15 = 2e-3 absolute); recomputed with g it
+    # equals the reference (float32 throughout, rounded once) to float16 tolerance.
+    x, t = make_inputs(43, torch.float16, n=64)
+    scale = torch.tensor(2.0**15, dtype=torch.float16, device=DEVICE)
+    _, exact = loss_and_grad("reference", name, x.float(), t, torch.tensor(1.0, device=DEVICE),
+                             reduction="mean", **default_options(name))
+    below_normal = exact.abs() < torch.finfo(torch.float16).smallest_normal
+    assert below_normal.float().mean() > 0.25  # the case this test is about
+    _, grad = check_against_reference(name, x, t, reduction="mean", upstream=scale, **default_options(name))
+    assert bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("reduction", ("sum", "mean"))
+@pytest.mark.parametrize("name", LOSSES)
+def test_backward_of_one_writes_nothing(name, reduction, dtype):
+    # The forward's gradient (for g = 1), overwritten with NaN before the backward: the
+    # backward kernel with g = 1 leaves it as it is, with any other g (NaN included) it
+    # rewrites every element.
+    x, t = make_inputs(44, dtype)
+    if name == "hill":
+        args = check_hill(x, t, lamb=1.5, margin=1.0, gamma=2.0, reduction=reduction)
+    else:
+        args = check_splc(x, t, epoch=1, tau=0.6, change_epoch=1, margin=1.0, gamma=2.0, reduction=reduction)
+    _, (forward_grad,) = TM._forward(args, True)
+    _, expected = loss_and_grad("reference", name, x, t, torch.tensor(1.0, device=DEVICE),
+                                reduction=reduction, **default_options(name))
+    assert_matches(forward_grad, expected, dtype)
+
+    forward_grad.fill_(float("nan"))
+    assert TM._backward(torch.tensor(1.0, dtype=dtype, device=DEVICE), [forward_grad], args) is None
+    assert bool(forward_grad.isnan().all())
+
+    upstream = torch.tensor(0.37, dtype=dtype, device=DEVICE)
+    TM._backward(upstream, [forward_grad], args)
+    _, expected = loss_and_grad("reference", name, x, t, upstream, reduction=reduction, **default_options(name))
+    assert_matches(forward_grad, expected, dtype)
+
+    TM._backward(torch.tensor(float("nan"), dtype=dtype, device=DEVICE), [forward_grad], args)
+    assert bool(forward_grad.isnan().all())
 
 
 HILL_PARAMS = [
@@ -347,8 +417,8 @@ def test_hyper_parameters_are_runtime_arguments():
         assert "constexpr" not in str(params[name].annotation)
     constexprs = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
     assert constexprs == {
-        "IS_SPLC", "WRITE_ELEMENT_LOSS", "WRITE_TILE_SUMS", "WRITE_GRAD", "UPSTREAM_PER_ELEMENT",
-        "BLOCK_ROWS", "BLOCK_COLS",
+        "IS_SPLC", "WRITE_ELEMENT_LOSS", "WRITE_TILE_SUMS", "WRITE_GRAD", "UPSTREAM_SCALAR",
+        "UPSTREAM_PER_ELEMENT", "BLOCK_ROWS", "BLOCK_COLS",
     }
     threshold = TM._flip_threshold
     before, after = (check_splc(
@@ -416,7 +486,7 @@ def test_gpu_extreme_and_deterministic(dtype):
 @pytest.mark.gpu
 def test_gpu_no_recompile_on_new_epoch_or_parameters():
     x, t = make_inputs(36, n=512, c=1000)
-    kernels = (TM._multilabel_kernel, TM._sum_tiles_kernel, TM._scale_by_scalar_kernel)
+    kernels = (TM._multilabel_kernel, TM._sum_tiles_kernel)
 
     def step(name, **options):
         leaf = x.clone().requires_grad_(True)

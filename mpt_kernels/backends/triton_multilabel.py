@@ -16,19 +16,19 @@ its gradient are computed in float32; the gradient is stored in the logits' dtyp
 
 Where the gradient comes from (``define_loss_ops(..., backward_in_place=True)``):
 
-* ``"sum"`` / ``"mean"``: the forward writes dℓ/dx (with the 1/(N·C) of "mean" folded
-  in) when autograd will want it, i.e. for an upstream gradient of 1: reading x and t
-  once and writing the gradient once is the least traffic possible. The backward then
-  multiplies that buffer in place by the upstream scalar, which a tiny kernel reads on
-  the device; when it is 1 (``loss.backward()``) every program returns at once, so the
-  common case costs no N·C traffic and no host synchronisation. Recomputing in the
-  backward instead would read x and t a second time on every step.
+* ``"sum"`` / ``"mean"``: when autograd will want it, the forward also writes dℓ/dx for
+  an upstream gradient of 1 (the 1/(N·C) of "mean" folded in), rounded once to the
+  logits' dtype: one read of x and t, one write of the gradient. The backward launches
+  the same kernel, which reads the upstream scalar g on the device: when g == 1
+  (``loss.backward()``) every program returns at once (no N·C traffic, no host
+  synchronisation); otherwise it recomputes dℓ/dx from x and t and writes dℓ/dx · g
+  (/ (N·C) for "mean"), computed in float32 and rounded once. Rescaling the stored,
+  already rounded gradient instead would round twice, and in float16 "mean" would lose
+  to underflow what a loss scale (GradScaler) is there to keep.
 * ``"none"``: the upstream gradient is an (N, C) tensor that is almost never all ones,
-  so a forward-computed gradient would always cost an extra write and read of an N·C
-  buffer plus a second rounding. Instead the forward writes only the loss and reserves
-  the gradient buffer (an allocation, no traffic); the backward re-runs the same kernel,
-  reading x, t and the upstream gradient and writing dℓ/dx · g once (about the same
-  traffic, the gradient rounded once).
+  so the forward writes only the loss and reserves the gradient buffer (an allocation,
+  no traffic); the backward runs the kernel on x, t and the upstream gradient and writes
+  dℓ/dx · g once.
 * Without ``needs_grad`` (inference, ``torch.no_grad()``) no gradient is written and
   nothing of size N·C is allocated besides the "none" loss.
 
@@ -40,7 +40,6 @@ atomics. Nothing here reads a device value back to the host.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import triton
@@ -52,7 +51,7 @@ from .._custom_op import define_loss_ops
 # Kept as module-level knobs so that tests under the interpreter can shrink the blocks
 # and make small inputs cross many of them.
 TILE_ELEMENTS = 4096  # elements per program of the elementwise kernel
-FLAT_BLOCK = 4096  # elements per loop step of the scaling and partial-sum kernels
+FLAT_BLOCK = 4096  # elements per loop step of the partial-sum kernel
 
 
 def tile_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -65,15 +64,6 @@ def tile_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
 
 def _num_warps(block_elements: int) -> int:
     return max(1, min(8, block_elements // 512))
-
-
-@functools.lru_cache(maxsize=None)
-def _persistent_programs(device: torch.device) -> int:
-    """How many programs a grid-stride kernel launches (a few per SM on a GPU; two under
-    the interpreter, so that its loop runs more than once in tests)."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -145,10 +135,18 @@ def _multilabel_kernel(
     WRITE_ELEMENT_LOSS: tl.constexpr,  # reduction "none": the (N, C) loss
     WRITE_TILE_SUMS: tl.constexpr,  # "sum"/"mean": one partial sum per program
     WRITE_GRAD: tl.constexpr,
-    UPSTREAM_PER_ELEMENT: tl.constexpr,
+    UPSTREAM_SCALAR: tl.constexpr,  # backward of "sum"/"mean": the gradient times a scalar g
+    UPSTREAM_PER_ELEMENT: tl.constexpr,  # backward of "none": times an (N, C) upstream gradient
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
+    # ---- backward of "sum"/"mean": the forward wrote the exact gradient for g == 1
+    if UPSTREAM_SCALAR:
+        g = tl.load(upstream_ptr).to(tl.float32)
+        if g == 1.0:  # NaN != 1: a NaN upstream gradient is recomputed, and propagates
+            return
+        grad_scale = grad_scale * g
+
     # ---- this program's tile
     pid = tl.program_id(0)
     col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
@@ -215,20 +213,6 @@ def _sum_tiles_kernel(partials_ptr, out_ptr, n_partials, scale, BLOCK: tl.conste
     tl.store(out_ptr, (tl.sum(acc) * scale).to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
-def _scale_by_scalar_kernel(grad_ptr, upstream_ptr, n_elements, BLOCK: tl.constexpr):
-    """grad *= g for the upstream scalar g, read on the device; nothing to do when g == 1."""
-    g = tl.load(upstream_ptr).to(tl.float32)
-    if g != 1.0:  # NaN != 1: a NaN upstream gradient propagates
-        start = tl.program_id(0).to(tl.int64) * BLOCK
-        step = tl.num_programs(0).to(tl.int64) * BLOCK
-        for block_start in range(start, n_elements, step):
-            offsets = block_start + tl.arange(0, BLOCK)
-            mask = offsets < n_elements
-            grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-            tl.store(grad_ptr + offsets, (grad * g).to(grad_ptr.dtype.element_ty), mask=mask)
-
-
 # --------------------------------------------------------------------------- launchers
 def _flip_threshold(args) -> float:
     """SPLC's τ while the correction is on; above any probability (never flips) before
@@ -243,8 +227,9 @@ def _targets_for_kernel(targets: torch.Tensor) -> torch.Tensor:
 
 def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, upstream=None, grad_scale=1.0):
     """One pass of ``_multilabel_kernel``: writes whichever of the (N, C) loss, the
-    per-tile sums and the gradient (times ``grad_scale`` and the (N, C) ``upstream``)
-    it is given a buffer for."""
+    per-tile sums and the gradient it is given a buffer for. The gradient is dℓ/dx times
+    ``grad_scale`` and ``upstream``: an (N, C) tensor, or a 0-d one (a scalar g, read on
+    the device: the kernel writes nothing when g == 1)."""
     logits, targets = args.logits, _targets_for_kernel(args.targets)
     n_rows, n_cols = logits.shape
     block_rows, block_cols = tile_shape(n_rows, n_cols)
@@ -260,13 +245,14 @@ def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, u
         grad if grad is not None else logits,
         n_rows, n_cols,
         *logits.stride(), *targets.stride(),
-        *(upstream.stride() if upstream is not None else (0, 0)),
+        *(upstream.stride() if upstream is not None and upstream.dim() == 2 else (0, 0)),
         args.lamb, args.margin, args.gamma, _flip_threshold(args), grad_scale,
         IS_SPLC=args.loss == "splc",
         WRITE_ELEMENT_LOSS=element_loss is not None,
         WRITE_TILE_SUMS=tile_sums is not None,
         WRITE_GRAD=grad is not None,
-        UPSTREAM_PER_ELEMENT=upstream is not None,
+        UPSTREAM_SCALAR=upstream is not None and upstream.dim() == 0,
+        UPSTREAM_PER_ELEMENT=upstream is not None and upstream.dim() == 2,
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
         num_warps=_num_warps(block_rows * block_cols),
@@ -276,6 +262,12 @@ def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, u
 def _num_tiles(n_rows: int, n_cols: int) -> int:
     block_rows, block_cols = tile_shape(n_rows, n_cols)
     return triton.cdiv(n_rows, block_rows) * triton.cdiv(n_cols, block_cols)
+
+
+def _mean_scale(args) -> float:
+    """1/(N·C) for "mean" (a mean over nothing is 0, as the reference's sum), else 1."""
+    numel = args.logits.numel()
+    return 1.0 / numel if args.reduction == "mean" and numel else 1.0
 
 
 def _forward(args, needs_grad):
@@ -289,9 +281,7 @@ def _forward(args, needs_grad):
             # reserved for the backward, which writes dℓ/dx · g into it (module docstring)
             return loss, ([_empty((n_rows, n_cols), dtype, device)] if needs_grad else [])
 
-        numel = n_rows * n_cols
-        # "mean" over all N·C elements; a mean over nothing is 0 (as the reference's sum)
-        scale = 1.0 / numel if args.reduction == "mean" and numel else 1.0
+        scale = _mean_scale(args)
         grad = _empty((n_rows, n_cols), dtype, device) if needs_grad else None
         n_partials = _num_tiles(n_rows, n_cols)
         partials = _empty((n_partials,), torch.float32, device)
@@ -308,19 +298,11 @@ def _forward_fake(args, needs_grad):
 
 
 def _backward(grad_loss, saved, args):
+    # "none": dℓ/dx · g for the (N, C) g; "sum"/"mean": dℓ/dx · g (/ (N·C) for "mean") for
+    # the 0-d g, recomputed only when g != 1 (the forward wrote the gradient for g == 1)
     (grad,) = saved
     with _on_device(grad):
-        if args.reduction == "none":
-            _launch_elementwise(args, grad=grad, upstream=grad_loss)
-            return None
-        n_elements = grad.numel()
-        if n_elements == 0:
-            return None
-        programs = min(triton.cdiv(n_elements, FLAT_BLOCK), _persistent_programs(grad.device))
-        _scale_by_scalar_kernel[(programs,)](
-            grad, grad_loss, n_elements, BLOCK=FLAT_BLOCK, num_warps=_num_warps(FLAT_BLOCK)
-        )
-    return None
+        _launch_elementwise(args, grad=grad, upstream=grad_loss, grad_scale=_mean_scale(args))
 
 
 loss = define_loss_ops(
