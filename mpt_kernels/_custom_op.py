@@ -17,9 +17,9 @@ A backend supplies the real implementations and a fake (meta) forward that produ
 
 A backend that computes the gradient in its forward (for an upstream gradient of 1) and
 saves it asks for ``backward_in_place=True``: its backward operator is then
-``(Tensor grad_loss, Tensor(a!)[] saved, <family parameters>) -> ()``, scales
-``saved[0]`` in place into the final gradient, and that buffer is returned, so no second
-N x C buffer is ever allocated.
+``(Tensor grad_loss, Tensor(a!)[] saved, <family parameters>) -> ()``, turns
+``saved[0]`` in place into the final gradient (where the upstream gradient is not 1),
+and that buffer is returned, so no second N x C buffer is ever allocated.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def define_loss_ops(
 
     def backward_formula(ctx, grad_loss, _grad_saved):
         if backward_in_place and ctx.backward_done:
-            # the saved gradient was already scaled in place by the first backward
+            # the saved gradient was already overwritten in place by the first backward
             raise RuntimeError(
                 f"the {backend} backend's {family} loss supports one backward per forward; "
                 "with retain_graph=True, compute the loss again for a second backward"
