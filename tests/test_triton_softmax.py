@@ -12,15 +12,19 @@ logits for an upstream gradient other than 1 (a random (N,) one for ``"none"``).
 
 Tolerances, per logits dtype (``TOLERANCE``, relative; absolute = relative x the
 largest magnitude compared): both sides compute in float32 and round once to the
-logits' dtype (the kernel rounds the gradient a second time when it scales it by an
-upstream gradient other than 1), and the kernel's one-sweep KL identity and online
-sums order the float32 arithmetic differently. So float32 gets 2e-5 (a few dozen
-float32 ulps: the KL identity subtracts numbers of the logits' size to get a small
-divergence), float16 and bfloat16 three unit roundoffs of their own format (3·2^-11,
-3·2^-8: one rounding each side, plus the second rounding of the scaled gradient).
+logits' dtype, and the kernel's one-sweep KL identity and online sums order the float32
+arithmetic differently. So float32 gets 2e-5 (a few dozen float32 ulps: the KL identity
+subtracts numbers of the logits' size to get a small divergence), float16 and bfloat16
+three unit roundoffs of their own format (3·2^-11, 3·2^-8: values rounded once from
+nearby float32 values are at most one ulp, two unit roundoffs, apart; the interpreter's
+float32 -> bfloat16 cast truncates, which stays within that ulp). The absolute part
+hides errors in the smallest entries, so the tests of a scaled backward (below) check
+every element against the float32 reference rounded once, to within one ulp.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -283,7 +287,8 @@ def test_poisoned_gradient_buffer(dtype, upstream, monkeypatch):
 
 
 def test_non_contiguous_inputs(monkeypatch):
-    """Row-strided views are read in place (no copy); a class axis with stride != 1 is copied."""
+    """Row-strided views are read in place (no copy); a class axis with stride != 1 is
+    copied, once: the recomputing backward (random upstream) reuses the forward's copy."""
     seen = []
     real = TS._class_axis_contiguous
 
@@ -320,6 +325,124 @@ def test_non_contiguous_inputs(monkeypatch):
     assert torch.equal(grad_wide[:, :5], torch.zeros_like(grad_wide[:, :5]))
     assert torch.equal(grad_wide[:, 5 + C:], torch.zeros_like(grad_wide[:, 5 + C:]))
     check("margin_cross_entropy", z.t().contiguous().t(), y)
+
+
+# --------------------------------------------------------------------------- a scaled backward rounds once
+# The forward writes the gradient for an upstream gradient of 1; the backward keeps it
+# where the upstream is 1 and elsewhere recomputes it with the upstream multiplied in in
+# float32, so it is rounded once, like the reference's. (Rescaling the stored gradient
+# rounds twice, and in float16 a p/count below the normal range loses its digits before
+# GradScaler's 2^15 multiplies it.) Here the reference is autograd in float32, cast once,
+# and the gradient must be that value or an adjacent number of its dtype. On smaller
+# inputs than above (C = 100 still crosses four blocks), to keep the interpreter quick.
+SMALL = dict(n=4, c=100, k=45)
+
+
+def ulp(x: torch.Tensor, dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s numbers at |x| (the subnormal spacing below its normal
+    range), in float32."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(x.float().abs().clamp_min(info.tiny))  # |x| = m 2^e, m in [0.5, 1)
+    return torch.ldexp(torch.full_like(x, info.eps, dtype=torch.float32), exponent - 1)
+
+
+def reference_gradient_float32(fn_name, logits, *rest, upstream, **kwargs):
+    """Autograd of the reference on float32 copies of the inputs and of ``upstream``."""
+    def to_float32(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+    leaf = logits.float().requires_grad_(True)
+    out = getattr(R, fn_name)(leaf, *map(to_float32, rest), **kwargs)
+    (grad,) = torch.autograd.grad(out, leaf, upstream.float())
+    return grad
+
+
+def assert_within_one_ulp(actual, expected_float32, what):
+    """``actual`` is ``expected_float32`` rounded once to its dtype, or a neighbour of that."""
+    expected = expected_float32.to(actual.dtype)
+    error = (actual.float() - expected.float()).abs()
+    bad = ~(error <= ulp(expected, actual.dtype)) & ~(actual.isnan() & expected.isnan())
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} elements more than 1 ulp off, e.g. "
+        f"{actual[bad][:4].tolist()} for {expected_float32[bad][:4].tolist()}"
+    )
+
+
+def triton_gradient(fn_name, logits, *rest, upstream, **kwargs):
+    """The Triton backend's logits' gradient for the upstream gradient ``upstream(loss)``."""
+    leaf = logits.detach().clone().requires_grad_(True)
+    out = getattr(mpt_kernels, fn_name)(leaf, *rest, backend="triton", **kwargs)
+    grad_out = upstream(out)
+    (grad,) = torch.autograd.grad(out, leaf, grad_out)
+    return grad, grad_out
+
+
+def large_upstream(out: torch.Tensor) -> torch.Tensor:
+    """|g| in [2, 4): large enough that a gradient stored in float16 below its normal range
+    and then rescaled ends up more than 1 ulp off."""
+    if out.dim() == 0:
+        return torch.full_like(out, 3.9)
+    magnitude = 2 + 2 * torch.rand(out.shape, generator=generator(7), device=DEVICE)
+    sign = 1 - 2 * (torch.arange(out.shape[0], device=DEVICE) % 2)
+    return (magnitude * sign).to(out.dtype)
+
+
+def test_fp16_grad_scaler_subnormal_gradient():
+    """float16, "mean", upstream 2^15 (GradScaler's default scale): gradient entries whose
+    value for an upstream of 1 is a float16 subnormal come out as the float32 reference
+    rounded once (a rescaled stored gradient loses their digits, many of them to 0)."""
+    z, y, old, new = make_inputs(150, **SMALL)
+    z[:, ::3] -= 9.0      # a third of the classes gets p ~ 1e-8..1e-4
+    new[:, ::3] -= 9.0    # and so does the teacher's softmax at τ = 1
+    z, old, new = z.half(), old.half(), new.half()
+
+    def scale(out):
+        return torch.full_like(out, 2.0**15)
+
+    for fn_name, rest, kwargs in [("margin_cross_entropy", (y,), {}),
+                                  ("mpt_loss", (y, old, new), dict(tau=1.0, new_class_bias=0.0))]:
+        grad, upstream = triton_gradient(fn_name, z, *rest, upstream=scale, **kwargs)
+        expected = reference_gradient_float32(fn_name, z, *rest, upstream=upstream, **kwargs)
+        # the premise: many entries of the gradient for an upstream of 1 are float16 subnormals
+        unscaled = expected / 2.0**15
+        assert ((unscaled != 0) & (unscaled.abs() < torch.finfo(torch.float16).tiny)).sum() > 40, fn_name
+        assert_within_one_ulp(grad, expected, fn_name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_scaled_backward_rounds_once(dtype, reduction):
+    z, y, old, new = make_inputs(160, dtype=dtype, **SMALL)
+    kwargs = dict(focus="neg_flip", label_smoothing=0.1, num_old_classes=SMALL["k"], reduction=reduction)
+    grad, upstream = triton_gradient("mpt_loss", z, y, old, new, upstream=large_upstream, **kwargs)
+    expected = reference_gradient_float32("mpt_loss", z, y, old, new, upstream=upstream, **kwargs)
+    assert_within_one_ulp(grad, expected, f"{dtype} {reduction}")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_backward_skips_rows_whose_upstream_is_one(reduction):
+    """The backward kernel writes no row whose upstream gradient is 1 (the forward's
+    gradient is exact there) and no ignored row; it rewrites every element of the others."""
+    z, y, old, new = make_inputs(170, dtype=torch.bfloat16, ignore_rows=(1,), **SMALL)
+    kwargs = dict(focus="neg_flip", reduction=reduction)
+    defaults = {name: p.default for name, p in inspect.signature(mpt_kernels.mpt_loss).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name != "backend"}
+    args = R.mpt_loss_args(z, y, old, new, **dict(defaults, **kwargs))  # what mpt_loss hands the backend
+    if reduction == "none":
+        cases = [([1.0, 3.0, 0.5, -2.0], [2, 3])]  # (upstream, rows rewritten): row 1 is ignored
+    else:
+        cases = [(1.0, []), (-0.25, [0, 2, 3])]
+    _, saved = TS._forward(args, True)
+    sentinel = 1234.0
+    for values, rewritten in cases:
+        upstream = torch.tensor(values, dtype=z.dtype, device=DEVICE)
+        saved[0].fill_(sentinel)  # poison the forward's gradient: only rewritten rows lose it
+        TS._backward(upstream, saved, args)
+        grad = saved[0]
+        kept = [i for i in range(len(y)) if i not in rewritten]
+        assert torch.equal(grad[kept], torch.full_like(grad[kept], sentinel)), values
+        if rewritten:
+            expected = reference_gradient_float32("mpt_loss", z, y, old, new, upstream=upstream, **kwargs)
+            assert_within_one_ulp(grad[rewritten], expected[rewritten], f"{reduction} {values}")
 
 
 def test_deterministic():
@@ -480,6 +603,7 @@ FLOATS = ["new_class_bias", "label_smoothing", "inv_tau", "kl_scale", "alpha", "
           "ce_weight", "old_weight", "new_weight"]
 ALL_ON = dict(HAS_CE=True, HAS_OLD=True, HAS_NEW=True, IS_KL=True, FOCUS_REF=True, FOCUS_STUDENT=True,
               BIAS=TS.BIAS_VECTOR, MEAN=True, WRITE_GRAD=True)
+BACKWARD_CONSTEXPRS = ("HAS_CE", "HAS_OLD", "HAS_NEW", "IS_KL", "BIAS", "BLOCK_C")
 for dtype, target, changes, classes, streams in [
     ("fp16", "i64", {}, 131072, 3),
     ("bf16", "i32", dict(IS_KL=False, FOCUS_REF=False, BIAS=TS.BIAS_NEW_CLASSES, MEAN=False), 32768, 3),
@@ -488,11 +612,14 @@ for dtype, target, changes, classes, streams in [
 ]:
     block, num_warps = TS._launch_config(classes, streams)
     types = dict(z_ptr="*" + dtype, old_ptr="*" + dtype, new_ptr="*" + dtype, grad_ptr="*" + dtype,
-                 target_ptr="*" + target, bias_ptr="*fp64", rows_ptr="*fp32", inv_count_ptr="*fp32",
-                 z_row_stride="i64", ignore_index="i64", **{name: "fp32" for name in FLOATS})
-    compile_kernel(TS._mpt_loss_kernel, types, dict(ALL_ON, **changes, BLOCK_C=block), num_warps)
-compile_kernel(TS._scale_gradient_kernel, dict(grad_ptr="*bf16", upstream_ptr="*bf16", target_ptr="*i64"),
-               dict(BLOCK=1024), 4)
+                 upstream_ptr="*" + dtype, target_ptr="*" + target, bias_ptr="*fp64", rows_ptr="*fp32",
+                 stats_ptr="*fp32", inv_count_ptr="*fp32", z_row_stride="i64", ignore_index="i64",
+                 **{name: "fp32" for name in FLOATS})
+    constexprs = dict(ALL_ON, **changes, BLOCK_C=block)
+    compile_kernel(TS._mpt_loss_kernel, types, constexprs, num_warps)
+    if constexprs["WRITE_GRAD"]:
+        compile_kernel(TS._mpt_loss_backward_kernel, types,
+                       {name: constexprs[name] for name in BACKWARD_CONSTEXPRS}, num_warps)
 compile_kernel(TS._inverse_count_kernel, dict(target_ptr="*i32", out_ptr="*fp32", ignore_index="i64"),
                dict(BLOCK=1024), 4)
 print("compiled")

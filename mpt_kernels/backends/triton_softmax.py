@@ -13,26 +13,26 @@ kernel serves all three. One program handles one row ``i``:
    ``KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c)`` (``kind="kl"``) or the sum of
    squares (``kind="lm"``), and the running argmax of teacher and student the focus
    mode needs. Then the row's loss ``L_i`` and focal weights ``w = α + β f``.
-2. Gradient sweep (only when autograd will want it): ``dL_i/dz_ij`` for an upstream
-   gradient of 1 (and ``1/count`` folded in for ``"mean"``), written once in the
-   logits' dtype.
+2. Gradient sweep (only when autograd will want it, ``_gradient_sweep``):
+   ``dL_i/dz_ij`` for an upstream gradient of 1 (``1/count`` folded in for ``"mean"``),
+   computed in float32 and written once in the logits' dtype; the row's statistics that
+   sweep needs (the CE's LSE, each source's two LSEs, each term's coefficient: float32,
+   ``NUM_STATS`` per row) are saved too.
 
-Where the gradient is made: in the forward, not in a recomputing backward. Per
-element of ``N x C`` with ``s`` input streams (student plus teachers), the minimum
-traffic is ``s`` reads and one gradient write. No ``dL/dz_ij`` is known before the
-row's statistics are complete, so the inputs are swept twice either way; what differs
-is where the second sweep reads from. Here it follows the first sweep of the same row
-in the same program, so it is served by L2 while the rows in flight fit there (about
-two rows per SM: 264 x ``s·C·bytes`` on an H200, i.e. up to C ~ 32K in bf16 with three
-streams against 50 MB of L2); a backward kernel would run after the rest of the
-network's forward and backward and read all ``s`` streams again from HBM. Beyond that
-size the two designs move the same bytes. With ``backward_in_place=True`` the
-backward costs nothing for the usual ``loss.backward()``: a tiny kernel reads the
-upstream gradient on the device and returns at once where it equals 1 (per row for
-``"none"``); any other value costs one read and write of the gradient (the price of
-this design, as is a gradient computed for a forward whose backward never runs). No
-``N x C`` buffer other than the gradient is allocated, the per-row statistics are
-``O(N)``, and nothing synchronises with the host.
+Where the gradient is made: in the forward, for an upstream gradient of 1. The inputs
+are swept twice either way (no ``dL/dz_ij`` is known before the row's statistics are
+complete); in the forward the second sweep follows the first in the same program and
+is served by L2 while the rows in flight fit there (about two rows per SM: 264 x
+``s·C·bytes`` for ``s`` input streams on an H200, up to C ~ 32K in bf16 with three
+streams against 50 MB), so a plain ``loss.backward()`` costs nothing more. The backward
+kernel reads the upstream gradient on the device and returns at once where it is 1 (per
+row for ``"none"``) or the row is ignored; elsewhere it reruns ``_gradient_sweep`` from
+the inputs and the saved statistics with the upstream multiplied in in float32, and
+overwrites the row (``backward_in_place=True``). A scaled loss (GradScaler, a weight)
+thus costs one more read of the ``s`` streams and a gradient write, and is rounded once,
+as the reference's: rescaling the stored gradient would round twice, and would lose a
+float16 ``p/count`` below the normal range before GradScaler's 2^15 multiplies it. The
+statistics are ``O(N)``; nothing synchronises with the host.
 
 What is specialised (``tl.constexpr``): which terms are present (CE, old source, new
 source), the kind, the two halves of the focus mode (reference argmax used, student
@@ -45,11 +45,12 @@ first) reads nothing outside the row and gets a NaN loss and a NaN gradient row.
 
 Layout: rows may have any stride (int64 offsets, so ``N·C >= 2^31`` works); a class
 axis whose stride is not 1 is copied to a contiguous tensor first (an ``N x C`` copy,
-so pass row-strided views, not transposed ones).
+kept for the backward, so pass row-strided views, not transposed ones).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -174,7 +175,86 @@ def _distill_grad(s, r, lse_c, lse_a, coef, inv_tau, IS_KL: tl.constexpr):
         return coef * (s - r)
 
 
-# --------------------------------------------------------------------------- the kernel
+# The per-row statistics a backward needs to redo a row's gradient sweep (float32,
+# NUM_STATS per row): the CE's LSE and coefficient, then per source LSE(s/τ), LSE(r/τ)
+# and coefficient. A coefficient holds everything but the upstream gradient.
+NUM_STATS = tl.constexpr(8)
+
+
+@triton.jit
+def _store_row_stats(stats_row, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new,
+                     coef_new, HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr):
+    if HAS_CE:
+        tl.store(stats_row + 0, lse_ce)
+        tl.store(stats_row + 1, coef_ce)
+    if HAS_OLD:
+        tl.store(stats_row + 2, lse_c_old)
+        tl.store(stats_row + 3, lse_a_old)
+        tl.store(stats_row + 4, coef_old)
+    if HAS_NEW:
+        tl.store(stats_row + 5, lse_c_new)
+        tl.store(stats_row + 6, lse_a_new)
+        tl.store(stats_row + 7, coef_new)
+
+
+@triton.jit
+def _load_row_stats(stats_row, HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr):
+    """What _store_row_stats wrote; 0 for an absent term."""
+    lse_ce = 0.0
+    coef_ce = 0.0
+    lse_c_old = 0.0
+    lse_a_old = 0.0
+    coef_old = 0.0
+    lse_c_new = 0.0
+    lse_a_new = 0.0
+    coef_new = 0.0
+    if HAS_CE:
+        lse_ce = tl.load(stats_row + 0)
+        coef_ce = tl.load(stats_row + 1)
+    if HAS_OLD:
+        lse_c_old = tl.load(stats_row + 2)
+        lse_a_old = tl.load(stats_row + 3)
+        coef_old = tl.load(stats_row + 4)
+    if HAS_NEW:
+        lse_c_new = tl.load(stats_row + 5)
+        lse_a_new = tl.load(stats_row + 6)
+        coef_new = tl.load(stats_row + 7)
+    return lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new
+
+
+@triton.jit
+def _gradient_sweep(
+    z_row, old_row, new_row, bias_ptr, bias_stride, grad_row,
+    y, counted, read_limit, num_classes, num_old, new_class_bias, label_smoothing, inv_tau,
+    lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
+    HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr,
+    IS_KL: tl.constexpr, BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Writes row i of the gradient, dL_i/dz_ij times whatever the coefficients hold
+    (row scale, weights, focal weights, upstream gradient), rounded once to the
+    gradient's dtype. The forward and the backward kernel both run this."""
+    for start in range(0, num_classes, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        read = cols < read_limit
+        z = tl.load(z_row + cols, mask=read, other=0.0).to(tl.float32)
+        grad = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_CE:
+            z_biased = z + _class_bias(bias_ptr, bias_stride, cols, read, num_old, new_class_bias, BIAS)
+            one_hot = tl.where(cols == y, 1.0 - label_smoothing, 0.0)
+            grad += coef_ce * (tl.exp(z_biased - lse_ce) - one_hot - label_smoothing / num_classes)
+        if HAS_OLD:
+            is_old = read & (cols < num_old)
+            r_old = tl.load(old_row + cols, mask=is_old, other=0.0).to(tl.float32)
+            grad += tl.where(is_old, _distill_grad(z, r_old, lse_c_old, lse_a_old, coef_old, inv_tau, IS_KL), 0.0)
+        if HAS_NEW:
+            r_new = tl.load(new_row + cols, mask=read, other=0.0).to(tl.float32)
+            grad += tl.where(read, _distill_grad(z, r_new, lse_c_new, lse_a_new, coef_new, inv_tau, IS_KL), 0.0)
+        # ignored rows: exactly 0, whatever their logits hold
+        grad = tl.where(counted, grad, 0.0)
+        tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=cols < num_classes)
+
+
+# --------------------------------------------------------------------------- the kernels
 @triton.jit
 def _mpt_loss_kernel(
     z_ptr, z_row_stride,
@@ -182,7 +262,7 @@ def _mpt_loss_kernel(
     old_ptr, old_row_stride,
     new_ptr, new_row_stride,
     bias_ptr, bias_stride,
-    rows_ptr, grad_ptr, inv_count_ptr,
+    rows_ptr, grad_ptr, stats_ptr, inv_count_ptr,
     num_classes, num_old, num_read, ignore_index,
     new_class_bias, label_smoothing, inv_tau, kl_scale, alpha, beta,
     ce_weight, old_weight, new_weight,
@@ -253,7 +333,21 @@ def _mpt_loss_kernel(
                 student_best_new, student_arg_new, z, r_new, in_row,
                 cols, inv_tau, IS_KL, FOCUS_REF, FOCUS_STUDENT)
 
-    # ---- the row's loss, in the order of spec §3
+    # ---- the row's loss, in the order of spec §3, and each term's gradient coefficient
+    # for an upstream gradient of 1 (1/count for "mean"; NaN for a target out of range)
+    if MEAN:
+        row_scale = tl.load(inv_count_ptr)
+    else:
+        row_scale = 1.0
+    row_scale = tl.where(in_range, row_scale, float("nan"))
+    lse_ce = 0.0
+    coef_ce = 0.0
+    lse_c_old = 0.0
+    lse_a_old = 0.0
+    coef_old = 0.0
+    lse_c_new = 0.0
+    lse_a_new = 0.0
+    coef_new = 0.0
     row_loss = 0.0
     if HAS_CE:
         lse_ce = m_ce + tl.log(l_ce)
@@ -265,49 +359,66 @@ def _mpt_loss_kernel(
         smoothing = tl.where(label_smoothing == 0.0, 0.0,
                              label_smoothing * (lse_ce - sum_biased / num_classes))
         row_loss += ce_weight * ((1.0 - label_smoothing) * nll + smoothing)
+        coef_ce = row_scale * ce_weight
     if HAS_OLD:
         w_old = _focal_weight(y, ref_arg_old, student_arg_old, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
         d_old, lse_c_old, lse_a_old, d_factor_old = _distill_row(
             m_c_old, l_c_old, m_a_old, l_a_old, kl_old, sq_old, num_old, inv_tau, kl_scale, IS_KL)
         row_loss += old_weight * w_old * d_old
+        coef_old = row_scale * old_weight * w_old * d_factor_old
     if HAS_NEW:
         w_new = _focal_weight(y, ref_arg_new, student_arg_new, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
         d_new, lse_c_new, lse_a_new, d_factor_new = _distill_row(
             m_c_new, l_c_new, m_a_new, l_a_new, kl_new, sq_new, num_classes, inv_tau, kl_scale, IS_KL)
         row_loss += new_weight * w_new * d_new
+        coef_new = row_scale * new_weight * w_new * d_factor_new
     row_loss = tl.where(in_range, row_loss, float("nan"))
     tl.store(rows_ptr + row, tl.where(counted, row_loss, 0.0))
 
-    # ---- gradient sweep: dL_i/dz_ij for an upstream gradient of 1 (1/count for "mean")
+    # ---- gradient sweep for an upstream gradient of 1, and what a backward needs to redo it
     if WRITE_GRAD:
-        if MEAN:
-            row_scale = tl.load(inv_count_ptr)
-        else:
-            row_scale = 1.0
-        row_scale = tl.where(in_range, row_scale, float("nan"))
-        grad_row = grad_ptr + row * num_classes
-        for start in range(0, num_classes, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            read = cols < read_limit
-            z = tl.load(z_row + cols, mask=read, other=0.0).to(tl.float32)
-            grad = tl.zeros([BLOCK_C], dtype=tl.float32)
-            if HAS_CE:
-                z_biased = z + _class_bias(bias_ptr, bias_stride, cols, read, num_old, new_class_bias, BIAS)
-                one_hot = tl.where(cols == y, 1.0 - label_smoothing, 0.0)
-                grad += (row_scale * ce_weight) * (
-                    tl.exp(z_biased - lse_ce) - one_hot - label_smoothing / num_classes)
-            if HAS_OLD:
-                is_old = read & (cols < num_old)
-                r_old = tl.load(old_row + cols, mask=is_old, other=0.0).to(tl.float32)
-                coef_old = row_scale * old_weight * w_old * d_factor_old
-                grad += tl.where(is_old, _distill_grad(z, r_old, lse_c_old, lse_a_old, coef_old, inv_tau, IS_KL), 0.0)
-            if HAS_NEW:
-                r_new = tl.load(new_row + cols, mask=read, other=0.0).to(tl.float32)
-                coef_new = row_scale * new_weight * w_new * d_factor_new
-                grad += tl.where(read, _distill_grad(z, r_new, lse_c_new, lse_a_new, coef_new, inv_tau, IS_KL), 0.0)
-            # ignored rows: exactly 0, whatever their logits hold
-            grad = tl.where(counted, grad, 0.0)
-            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
+        _store_row_stats(stats_ptr + row * NUM_STATS, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old,
+                         lse_c_new, lse_a_new, coef_new, HAS_CE, HAS_OLD, HAS_NEW)
+        _gradient_sweep(
+            z_row, old_row, new_row, bias_ptr, bias_stride, grad_ptr + row * num_classes,
+            y, counted, read_limit, num_classes, num_old, new_class_bias, label_smoothing, inv_tau,
+            lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
+            HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C)
+
+
+@triton.jit
+def _mpt_loss_backward_kernel(
+    z_ptr, z_row_stride,
+    target_ptr, target_stride,
+    old_ptr, old_row_stride,
+    new_ptr, new_row_stride,
+    bias_ptr, bias_stride,
+    stats_ptr, upstream_ptr, upstream_stride, grad_ptr,
+    num_classes, num_old, num_read, ignore_index,
+    new_class_bias, label_smoothing, inv_tau,
+    HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr,
+    IS_KL: tl.constexpr, BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Row i of the gradient for an upstream gradient g_i != 1, in place of the forward's.
+
+    g_i == 1 (plain loss.backward()) keeps the forward's gradient, already exact; ignored
+    rows keep their zeros whatever g_i is (NaN included), as the reference masks them.
+    Elsewhere the row is recomputed from the inputs and the saved statistics with g_i
+    multiplied into the coefficients in float32, so it is rounded once, never rescaled.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
+    y = tl.load(target_ptr + row * target_stride).to(tl.int64)
+    counted = y != ignore_index
+    if (g != 1.0) & counted:
+        (lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new,
+         coef_new) = _load_row_stats(stats_ptr + row * NUM_STATS, HAS_CE, HAS_OLD, HAS_NEW)
+        _gradient_sweep(
+            z_ptr + row * z_row_stride, old_ptr + row * old_row_stride, new_ptr + row * new_row_stride,
+            bias_ptr, bias_stride, grad_ptr + row * num_classes,
+            y, counted, num_read, num_classes, num_old, new_class_bias, label_smoothing, inv_tau,
+            lse_ce, g * coef_ce, lse_c_old, lse_a_old, g * coef_old, lse_c_new, lse_a_new, g * coef_new,
+            HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C)
 
 
 @triton.jit
@@ -323,25 +434,6 @@ def _inverse_count_kernel(target_ptr, target_stride, num_rows, ignore_index, out
     tl.store(out_ptr, 1.0 / tl.maximum(total, 1).to(tl.float32))
 
 
-@triton.jit
-def _scale_gradient_kernel(
-    grad_ptr, upstream_ptr, upstream_stride, target_ptr, target_stride, ignore_index,
-    num_classes, BLOCK: tl.constexpr,
-):
-    """grad[i, :] *= g_i in place, where g_i != 1 and row i is counted."""
-    row = tl.program_id(0).to(tl.int64)
-    g = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
-    y = tl.load(target_ptr + row * target_stride)
-    # g == 1 (plain loss.backward()) keeps the forward's gradient untouched; ignored rows
-    # keep their zeros whatever g is (the reference masks them the same way).
-    if (g != 1.0) & (y != ignore_index):
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < num_classes
-        ptrs = grad_ptr + row * num_classes + cols
-        grad = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (grad * g).to(grad_ptr.dtype.element_ty), mask=mask)
-
-
 # --------------------------------------------------------------------------- launchers
 def _launch_config(num_classes: int, num_streams: int) -> tuple[int, int]:
     """(BLOCK_C, num_warps): a block that holds the row when small; at most 4096 classes
@@ -355,11 +447,14 @@ def _launch_config(num_classes: int, num_streams: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def _needs_class_copy(x: torch.Tensor) -> bool:
+    """Exactly when x.contiguous() copies x (an empty tensor counts as contiguous)."""
+    return x.numel() > 0 and x.shape[1] > 1 and x.stride(1) != 1
+
+
 def _class_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The kernels need unit stride along the classes; rows may have any stride."""
-    if x.shape[1] > 1 and x.stride(1) != 1:
-        return x.contiguous()
-    return x
+    return x.contiguous() if _needs_class_copy(x) else x
 
 
 def _new_gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
@@ -373,50 +468,100 @@ def _inverse_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return out
 
 
+def _streams(args: SoftmaxLossArgs) -> list:
+    """The inputs the kernels read: student, old and new teacher (None where a source is
+    absent or has weight 0, so that its term is not computed)."""
+    has_old = args.old_logits is not None and args.old_weight != 0.0
+    has_new = args.new_logits is not None and args.new_weight != 0.0
+    return [args.logits, args.old_logits if has_old else None, args.new_logits if has_new else None]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the forward and the backward kernel share: the terms present, the columns
+    read, the bias mode and the launch configuration."""
+
+    has_ce: bool
+    has_old: bool
+    has_new: bool
+    is_kl: bool
+    num_read: int
+    bias_mode: int
+    block: int
+    num_warps: int
+
+    @staticmethod
+    def of(args: SoftmaxLossArgs) -> _Plan:
+        num_classes = args.logits.shape[1]
+        has_ce = args.ce_weight != 0.0
+        _, old, new = _streams(args)
+        has_old, has_new = old is not None, new is not None
+        if args.class_bias is not None:
+            bias_mode = BIAS_VECTOR
+        elif args.new_class_bias != 0.0 and args.num_old_classes < num_classes:
+            bias_mode = BIAS_NEW_CLASSES
+        else:
+            bias_mode = BIAS_NONE
+        # Focal distillation alone needs only the student's first K columns.
+        num_read = num_classes if (has_ce or has_new) else (args.num_old_classes if has_old else 0)
+        block, num_warps = _launch_config(num_classes, 1 + has_old + has_new)
+        return _Plan(has_ce, has_old, has_new, args.kind == "kl", num_read, bias_mode, block, num_warps)
+
+    def constexprs(self) -> dict:
+        """The specialisation both kernels take, and their launch configuration."""
+        return dict(HAS_CE=self.has_ce, HAS_OLD=self.has_old, HAS_NEW=self.has_new, IS_KL=self.is_kl,
+                    BIAS=self.bias_mode, BLOCK_C=self.block, num_warps=self.num_warps)
+
+
+def _kernel_inputs(args: SoftmaxLossArgs, plan: _Plan, class_contiguous) -> tuple:
+    """(z, old, new, bias) as both kernels take them: each input read, with unit stride
+    along the classes by ``class_contiguous``; the student stands in for what is not read."""
+    z, old, new = (None if x is None else class_contiguous(x) for x in _streams(args))
+    old = z if old is None else old
+    new = z if new is None else new
+    bias = args.class_bias if plan.bias_mode == BIAS_VECTOR else z
+    return z, old, new, bias
+
+
 def _forward(args: SoftmaxLossArgs, needs_grad: bool):
     logits = args.logits
     num_rows, num_classes = logits.shape
     check_target_values(args.target, num_classes, args.ignore_index)
+    plan = _Plan.of(args)
+    copies = []  # of class-strided inputs: kept for a recomputing backward
 
-    has_ce = args.ce_weight != 0.0
-    has_old = args.old_logits is not None and args.old_weight != 0.0
-    has_new = args.new_logits is not None and args.new_weight != 0.0
-    if args.class_bias is not None:
-        bias_mode = BIAS_VECTOR
-    elif args.new_class_bias != 0.0 and args.num_old_classes < num_classes:
-        bias_mode = BIAS_NEW_CLASSES
-    else:
-        bias_mode = BIAS_NONE
-    focus_ref, focus_student = FOCUS_PARTS[args.focus]
-    # Focal distillation alone needs only the student's first K columns.
-    num_read = num_classes if (has_ce or has_new) else (args.num_old_classes if has_old else 0)
+    def class_contiguous(x):
+        read = _class_axis_contiguous(x)
+        if read is not x:
+            copies.append(read)
+        return read
 
-    z = _class_axis_contiguous(logits)
-    old = _class_axis_contiguous(args.old_logits) if has_old else z
-    new = _class_axis_contiguous(args.new_logits) if has_new else z
-    bias = args.class_bias if bias_mode == BIAS_VECTOR else z
+    z, old, new, bias = _kernel_inputs(args, plan, class_contiguous)
     target = args.target
     mean = args.reduction == "mean"
+    focus_ref, focus_student = FOCUS_PARTS[args.focus]
 
     rows = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    grad = _new_gradient_buffer(logits) if needs_grad else rows
+    if needs_grad:
+        grad = _new_gradient_buffer(logits)
+        stats = torch.empty((num_rows, NUM_STATS.value), dtype=torch.float32, device=logits.device)
+    else:
+        grad = stats = rows
     inv_count = _inverse_count(target, args.ignore_index) if mean else rows
     if num_rows > 0:
-        block, num_warps = _launch_config(num_classes, 1 + has_old + has_new)
         _mpt_loss_kernel[(num_rows,)](
             z, z.stride(0),
             target, target.stride(0),
             old, old.stride(0),
             new, new.stride(0),
             bias, bias.stride(0),
-            rows, grad, inv_count,
-            num_classes, args.num_old_classes, num_read, args.ignore_index,
+            rows, grad, stats, inv_count,
+            num_classes, args.num_old_classes, plan.num_read, args.ignore_index,
             args.new_class_bias, args.label_smoothing, 1.0 / args.tau,
             args.tau * args.tau if args.scale_by_tau_sq else 1.0, args.alpha, args.beta,
             args.ce_weight, args.old_weight, args.new_weight,
-            HAS_CE=has_ce, HAS_OLD=has_old, HAS_NEW=has_new, IS_KL=args.kind == "kl",
-            FOCUS_REF=focus_ref, FOCUS_STUDENT=focus_student, BIAS=bias_mode, MEAN=mean,
-            WRITE_GRAD=needs_grad, BLOCK_C=block, num_warps=num_warps,
+            FOCUS_REF=focus_ref, FOCUS_STUDENT=focus_student, MEAN=mean, WRITE_GRAD=needs_grad,
+            **plan.constexprs(),
         )
 
     if args.reduction == "none":
@@ -425,33 +570,42 @@ def _forward(args: SoftmaxLossArgs, needs_grad: bool):
         loss = rows.sum() * inv_count
     else:
         loss = rows.sum()
-    return loss.to(logits.dtype), ([grad] if needs_grad else [])
+    return loss.to(logits.dtype), ([grad, stats, *copies] if needs_grad else [])
 
 
 def _forward_fake(args: SoftmaxLossArgs, needs_grad: bool):
     logits = args.logits
     shape = logits.shape[:1] if args.reduction == "none" else ()
     loss = logits.new_empty(shape)
-    return loss, ([torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)] if needs_grad else [])
+    if not needs_grad:
+        return loss, []
+    stats = logits.new_empty((logits.shape[0], NUM_STATS.value), dtype=torch.float32)
+    copies = [torch.empty(x.shape, dtype=x.dtype, device=x.device)
+              for x in _streams(args) if x is not None and _needs_class_copy(x)]
+    return loss, [torch.empty(logits.shape, dtype=logits.dtype, device=logits.device), stats, *copies]
 
 
 def _backward(grad_loss: torch.Tensor, saved: list, args: SoftmaxLossArgs) -> None:
-    """Scales the forward's gradient by the upstream gradient, in place.
-
-    The buffer is scaled once per call: a second backward through the same graph
-    (``retain_graph=True``) with an upstream gradient other than 1 would scale it again.
-    """
-    grad = saved[0]
+    """Writes the gradient into the forward's buffer ``saved[0]`` where the upstream
+    gradient is not 1 (see _mpt_loss_backward_kernel); no host synchronisation."""
+    grad, stats, copies = saved[0], saved[1], iter(saved[2:])
     num_rows, num_classes = grad.shape
     if num_rows == 0 or num_classes == 0:
-        return None
-    block = 1024
+        return
+    plan = _Plan.of(args)
+    z, old, new, bias = _kernel_inputs(args, plan, lambda x: next(copies) if _needs_class_copy(x) else x)
     upstream_stride = grad_loss.stride(0) if grad_loss.dim() == 1 else 0
-    _scale_gradient_kernel[(num_rows, triton.cdiv(num_classes, block))](
-        grad, grad_loss, upstream_stride, args.target, args.target.stride(0), args.ignore_index,
-        num_classes, BLOCK=block, num_warps=4,
+    _mpt_loss_backward_kernel[(num_rows,)](
+        z, z.stride(0),
+        args.target, args.target.stride(0),
+        old, old.stride(0),
+        new, new.stride(0),
+        bias, bias.stride(0),
+        stats, grad_loss, upstream_stride, grad,
+        num_classes, args.num_old_classes, plan.num_read, args.ignore_index,
+        args.new_class_bias, args.label_smoothing, 1.0 / args.tau,
+        **plan.constexprs(),
     )
-    return None
 
 
 loss = define_loss_ops(
