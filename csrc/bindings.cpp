@@ -2,9 +2,10 @@
 //
 // It does not link against libtorch: Python (mpt_kernels/backends/cuda.py) validates
 // the tensors and passes their addresses (tensor.data_ptr()), sizes and strides in
-// elements, dtype codes, the device index and the current stream's cudaStream_t. The
-// CUDA runtime is linked statically. A CUDA failure raises RuntimeError with CUDA's
-// text; a malformed call raises ValueError.
+// elements, dtype codes, the device index and the current stream's cudaStream_t; what
+// a family's forward and backward both read travels as one SoftmaxInputs or
+// MultilabelInputs record. The CUDA runtime is linked statically. A CUDA failure raises
+// RuntimeError with CUDA's text; a malformed call raises ValueError.
 //
 // The host_* functions run the kernels' shared math (loss_math.cuh) on CPU buffers, so
 // that it is tested without a GPU (tests/test_cuda_host_math.py).
@@ -41,10 +42,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("REDUCTIONS") = codes({{"none", kReduceNone}, {"sum", kReduceSum}, {"mean", kReduceMean}});
   m.attr("FOCUS") = codes({{"all", kFocusAll}, {"ref_correct", kFocusRefCorrect}, {"neg_flip", kFocusNegFlip},
                            {"student_wrong", kFocusStudentWrong}});
-  m.attr("UPSTREAM_MODES") =
-      codes({{"scalar", kUpstreamScalar}, {"per_row", kUpstreamPerRow}, {"per_element", kUpstreamPerElement}});
   m.attr("MULTILABEL_MAX_BLOCKS") = kMultilabelMaxBlocks;
   m.attr("CACHED_ROW_LIMIT") = kCachedRowLimit;
+  m.attr("SOFTMAX_STAT_FLOATS") = kSoftmaxStatFloats;
 
   py::class_<SoftmaxRowParams>(m, "SoftmaxRowParams", "The normalised options of one softmax-family loss.")
       .def(py::init([]() { return SoftmaxRowParams{}; }))
@@ -74,62 +74,81 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("tau", &MultilabelParams::tau)
       .def_readwrite("correct_negatives", &MultilabelParams::correct_negatives);
 
+  py::class_<SoftmaxInputs>(m, "SoftmaxInputs", "What a softmax-family loss's forward and backward read.")
+      .def(py::init([]() { return SoftmaxInputs{}; }))
+      .def_readwrite("row", &SoftmaxInputs::row)
+      .def_readwrite("dtype", &SoftmaxInputs::dtype)
+      .def_readwrite("num_rows", &SoftmaxInputs::num_rows)
+      .def_readwrite("logits", &SoftmaxInputs::logits)
+      .def_readwrite("logits_row_stride", &SoftmaxInputs::logits_row_stride)
+      .def_readwrite("old_logits", &SoftmaxInputs::old_logits)
+      .def_readwrite("old_row_stride", &SoftmaxInputs::old_row_stride)
+      .def_readwrite("new_logits", &SoftmaxInputs::new_logits)
+      .def_readwrite("new_row_stride", &SoftmaxInputs::new_row_stride)
+      .def_readwrite("class_bias", &SoftmaxInputs::class_bias)
+      .def_readwrite("target", &SoftmaxInputs::target)
+      .def_readwrite("target_stride", &SoftmaxInputs::target_stride)
+      .def_readwrite("target_is_int64", &SoftmaxInputs::target_is_int64)
+      .def_readwrite("has_ignore_index", &SoftmaxInputs::has_ignore_index)
+      .def_readwrite("ignore_index", &SoftmaxInputs::ignore_index);
+
+  py::class_<MultilabelInputs>(m, "MultilabelInputs", "What a Hill or SPLC loss's forward and backward read.")
+      .def(py::init([]() { return MultilabelInputs{}; }))
+      .def_readwrite("math", &MultilabelInputs::math)
+      .def_readwrite("dtype", &MultilabelInputs::dtype)
+      .def_readwrite("target_dtype", &MultilabelInputs::target_dtype)
+      .def_readwrite("num_rows", &MultilabelInputs::num_rows)
+      .def_readwrite("num_cols", &MultilabelInputs::num_cols)
+      .def_readwrite("logits", &MultilabelInputs::logits)
+      .def_readwrite("logits_row_stride", &MultilabelInputs::logits_row_stride)
+      .def_readwrite("targets", &MultilabelInputs::targets)
+      .def_readwrite("targets_row_stride", &MultilabelInputs::targets_row_stride)
+      .def_readwrite("grad_scale", &MultilabelInputs::grad_scale);
+
   // ------------------------------------------------------------------------- CUDA entry points
   m.def(
       "softmax_forward",
-      [](const SoftmaxRowParams& row, int dtype, int64_t num_rows, uintptr_t logits, int64_t logits_row_stride,
-         uintptr_t old_logits, int64_t old_row_stride, uintptr_t new_logits, int64_t new_row_stride,
-         uintptr_t class_bias, uintptr_t target, int64_t target_stride, bool target_is_int64,
-         bool has_ignore_index, int64_t ignore_index, int reduction, uintptr_t row_loss, uintptr_t counted_rows,
-         uintptr_t loss, uintptr_t grad, int device, uintptr_t stream) {
-        SoftmaxForwardArgs a{row,         dtype,          num_rows,       logits,        logits_row_stride,
-                             old_logits,  old_row_stride, new_logits,     new_row_stride, class_bias,
-                             target,      target_stride,  target_is_int64, has_ignore_index, ignore_index,
-                             reduction,   row_loss,       counted_rows,   loss,          grad};
-        softmax_forward(a, Launch{device, stream});
+      [](const SoftmaxInputs& inputs, int reduction, uintptr_t row_loss, uintptr_t counted_rows, uintptr_t loss,
+         uintptr_t grad, uintptr_t stats, int device, uintptr_t stream) {
+        softmax_forward(SoftmaxForwardArgs{inputs, reduction, row_loss, counted_rows, loss, grad, stats},
+                        Launch{device, stream});
       },
-      py::kw_only(), py::arg("row"), py::arg("dtype"), py::arg("num_rows"), py::arg("logits"),
-      py::arg("logits_row_stride"), py::arg("old_logits"), py::arg("old_row_stride"), py::arg("new_logits"),
-      py::arg("new_row_stride"), py::arg("class_bias"), py::arg("target"), py::arg("target_stride"),
-      py::arg("target_is_int64"), py::arg("has_ignore_index"), py::arg("ignore_index"), py::arg("reduction"),
-      py::arg("row_loss"), py::arg("counted_rows"), py::arg("loss"), py::arg("grad"), py::arg("device"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "Softmax-family loss (and, when grad != 0, its gradient for an upstream gradient of 1).");
+      py::kw_only(), py::arg("inputs"), py::arg("reduction"), py::arg("row_loss"), py::arg("counted_rows"),
+      py::arg("loss"), py::arg("grad"), py::arg("stats"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Softmax-family loss; when grad != 0, also its gradient for an upstream gradient of 1 and the rows' stats.");
+
+  m.def(
+      "softmax_backward",
+      [](const SoftmaxInputs& inputs, uintptr_t stats, uintptr_t upstream, int64_t upstream_stride, uintptr_t grad,
+         int device, uintptr_t stream) {
+        softmax_backward(SoftmaxBackwardArgs{inputs, stats, upstream, upstream_stride, grad}, Launch{device, stream});
+      },
+      py::kw_only(), py::arg("inputs"), py::arg("stats"), py::arg("upstream"), py::arg("upstream_stride"),
+      py::arg("grad"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Recomputes, times the upstream gradient, the rows of grad whose upstream gradient is not 1 and whose "
+      "target is counted; the other rows keep the forward's gradient.");
 
   m.def(
       "multilabel_forward",
-      [](const MultilabelParams& math, int dtype, int target_dtype, int64_t num_rows, int64_t num_cols,
-         uintptr_t logits, int64_t logits_row_stride, uintptr_t targets, int64_t targets_row_stride, int reduction,
-         float grad_scale, uintptr_t partials, uintptr_t loss, uintptr_t grad, int device, uintptr_t stream) {
-        MultilabelForwardArgs a{math,   dtype,      target_dtype, num_rows,           num_cols,
-                                logits, logits_row_stride,       targets, targets_row_stride, reduction,
-                                grad_scale, partials, loss,       grad};
-        multilabel_forward(a, Launch{device, stream});
+      [](const MultilabelInputs& inputs, int reduction, uintptr_t partials, uintptr_t loss, uintptr_t grad,
+         int device, uintptr_t stream) {
+        multilabel_forward(MultilabelForwardArgs{inputs, reduction, partials, loss, grad}, Launch{device, stream});
       },
-      py::kw_only(), py::arg("math"), py::arg("dtype"), py::arg("target_dtype"), py::arg("num_rows"),
-      py::arg("num_cols"), py::arg("logits"), py::arg("logits_row_stride"), py::arg("targets"),
-      py::arg("targets_row_stride"), py::arg("reduction"), py::arg("grad_scale"), py::arg("partials"),
-      py::arg("loss"), py::arg("grad"), py::arg("device"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(),
-      "Hill or SPLC loss (and, when grad != 0, its gradient for an upstream gradient of grad_scale).");
+      py::kw_only(), py::arg("inputs"), py::arg("reduction"), py::arg("partials"), py::arg("loss"), py::arg("grad"),
+      py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Hill or SPLC loss; when grad != 0, also its gradient for an upstream gradient of 1 (times grad_scale).");
 
   m.def(
-      "scale_gradient",
-      [](int dtype, int64_t num_rows, int64_t num_cols, uintptr_t grad, uintptr_t upstream, int mode,
-         int64_t upstream_stride0, int64_t upstream_stride1, uintptr_t target, int64_t target_stride,
-         bool target_is_int64, bool has_ignore_index, int64_t ignore_index, int device, uintptr_t stream) {
-        ScaleGradientArgs a{dtype,           num_rows,         num_cols, grad,          upstream,
-                            mode,            upstream_stride0, upstream_stride1, target, target_stride,
-                            target_is_int64, has_ignore_index, ignore_index};
-        scale_gradient(a, Launch{device, stream});
+      "multilabel_backward",
+      [](const MultilabelInputs& inputs, uintptr_t upstream, int64_t upstream_stride0, int64_t upstream_stride1,
+         uintptr_t grad, int device, uintptr_t stream) {
+        multilabel_backward(MultilabelBackwardArgs{inputs, upstream, upstream_stride0, upstream_stride1, grad},
+                            Launch{device, stream});
       },
-      py::kw_only(), py::arg("dtype"), py::arg("num_rows"), py::arg("num_cols"), py::arg("grad"),
-      py::arg("upstream"), py::arg("mode"), py::arg("upstream_stride0"), py::arg("upstream_stride1"),
-      py::arg("target"), py::arg("target_stride"), py::arg("target_is_int64"), py::arg("has_ignore_index"),
-      py::arg("ignore_index"), py::arg("device"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(),
-      "grad *= upstream in place (scalar, per row or per element); nothing is written where it is 1, "
-      "nor in rows whose target (when given) is ignored or out of range.");
+      py::kw_only(), py::arg("inputs"), py::arg("upstream"), py::arg("upstream_stride0"), py::arg("upstream_stride1"),
+      py::arg("grad"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Recomputes, times the upstream gradient, the elements of grad whose upstream gradient is not 1.");
 
   m.def("cuda_runtime_version", &cuda_runtime_version, "Version of the CUDA runtime linked into _C (e.g. 13000).");
   m.def("cuda_driver_version", &cuda_driver_version,
@@ -158,22 +177,48 @@ PYBIND11_MODULE(_C, m) {
       py::arg("values"), py::arg("n"), py::arg("lanes"), py::arg("slot"));
   m.def(
       "host_multilabel",
-      [](const MultilabelParams& math, uintptr_t x, uintptr_t positive, int64_t n, uintptr_t loss, uintptr_t grad) {
-        host::multilabel(math, address<const float>(x), address<const uint8_t>(positive), n, address<float>(loss),
-                         address<float>(grad));
+      [](const MultilabelParams& math, uintptr_t x, uintptr_t positive, int64_t n, float scale, uintptr_t loss,
+         uintptr_t grad) {
+        host::multilabel(math, address<const float>(x), address<const uint8_t>(positive), n, scale,
+                         address<float>(loss), address<float>(grad));
       },
-      py::arg("math"), py::arg("x"), py::arg("positive"), py::arg("n"), py::arg("loss"), py::arg("grad"));
+      py::kw_only(), py::arg("math"), py::arg("x"), py::arg("positive"), py::arg("n"), py::arg("scale"),
+      py::arg("loss"), py::arg("grad"));
+  m.def(
+      "host_multilabel_backward",
+      [](const MultilabelParams& math, uintptr_t x, uintptr_t positive, int64_t n, float scale, uintptr_t upstream,
+         uintptr_t grad) {
+        host::multilabel_backward(math, address<const float>(x), address<const uint8_t>(positive), n, scale,
+                                  address<const float>(upstream), address<float>(grad));
+      },
+      py::kw_only(), py::arg("math"), py::arg("x"), py::arg("positive"), py::arg("n"), py::arg("scale"),
+      py::arg("upstream"), py::arg("grad"));
   m.def(
       "host_softmax_rows",
       [](const SoftmaxRowParams& row, int64_t num_rows, uintptr_t logits, uintptr_t old_logits, uintptr_t new_logits,
-         uintptr_t class_bias, uintptr_t target, bool has_ignore_index, int64_t ignore_index, int lanes, int slot,
-         uintptr_t loss, uintptr_t grad) {
+         uintptr_t class_bias, uintptr_t target, bool has_ignore_index, int64_t ignore_index, bool mean, int lanes,
+         int slot, uintptr_t loss, uintptr_t grad, uintptr_t stats) {
         host::softmax_rows(row, num_rows, address<const float>(logits), address<const float>(old_logits),
                            address<const float>(new_logits), address<const float>(class_bias),
-                           address<const int64_t>(target), has_ignore_index, ignore_index, lanes, slot,
-                           address<float>(loss), address<float>(grad));
+                           address<const int64_t>(target), has_ignore_index, ignore_index, mean, lanes, slot,
+                           address<float>(loss), address<float>(grad), address<float>(stats));
       },
       py::kw_only(), py::arg("row"), py::arg("num_rows"), py::arg("logits"), py::arg("old_logits"),
       py::arg("new_logits"), py::arg("class_bias"), py::arg("target"), py::arg("has_ignore_index"),
-      py::arg("ignore_index"), py::arg("lanes"), py::arg("slot"), py::arg("loss"), py::arg("grad"));
+      py::arg("ignore_index"), py::arg("mean"), py::arg("lanes"), py::arg("slot"), py::arg("loss"), py::arg("grad"),
+      py::arg("stats"));
+  m.def(
+      "host_softmax_rows_backward",
+      [](const SoftmaxRowParams& row, int64_t num_rows, uintptr_t logits, uintptr_t old_logits, uintptr_t new_logits,
+         uintptr_t class_bias, uintptr_t target, bool has_ignore_index, int64_t ignore_index, uintptr_t stats,
+         uintptr_t upstream, int64_t upstream_stride, uintptr_t grad) {
+        host::softmax_rows_backward(row, num_rows, address<const float>(logits), address<const float>(old_logits),
+                                    address<const float>(new_logits), address<const float>(class_bias),
+                                    address<const int64_t>(target), has_ignore_index, ignore_index,
+                                    address<const float>(stats), address<const float>(upstream), upstream_stride,
+                                    address<float>(grad));
+      },
+      py::kw_only(), py::arg("row"), py::arg("num_rows"), py::arg("logits"), py::arg("old_logits"),
+      py::arg("new_logits"), py::arg("class_bias"), py::arg("target"), py::arg("has_ignore_index"),
+      py::arg("ignore_index"), py::arg("stats"), py::arg("upstream"), py::arg("upstream_stride"), py::arg("grad"));
 }

@@ -14,14 +14,14 @@ namespace mpt {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kUInt8 = 3, kFloat64 = 4 };
 enum Reduction : int { kReduceNone = 0, kReduceSum = 1, kReduceMean = 2 };
-enum UpstreamMode : int { kUpstreamScalar = 0, kUpstreamPerRow = 1, kUpstreamPerElement = 2 };
 
 struct Launch {
   int device;        // cudaSetDevice(device) first: the static cudart keeps its own current device
   uintptr_t stream;  // cudaStream_t
 };
 
-struct SoftmaxForwardArgs {
+// What the softmax family's forward and backward both read.
+struct SoftmaxInputs {
   SoftmaxRowParams row;
   int dtype;  // logits and teachers: kFloat32, kFloat16 or kBFloat16
   int64_t num_rows;
@@ -37,14 +37,28 @@ struct SoftmaxForwardArgs {
   bool target_is_int64;
   bool has_ignore_index;       // false when ignore_index lies outside int64
   int64_t ignore_index;
-  int reduction;
-  uintptr_t row_loss;          // float32 (N,): every row's loss, always written
-  uintptr_t counted_rows;      // int64 (1,) scratch for "mean", else 0
-  uintptr_t loss;              // (): the reduced loss in the logits' dtype ("sum"/"mean"), else 0
-  uintptr_t grad;              // (N, C) contiguous in the logits' dtype, or 0: no gradient
 };
 
-struct MultilabelForwardArgs {
+struct SoftmaxForwardArgs {
+  SoftmaxInputs inputs;
+  int reduction;
+  uintptr_t row_loss;      // float32 (N,): every row's loss, always written
+  uintptr_t counted_rows;  // int64 (1,) scratch for "mean", else 0
+  uintptr_t loss;          // (): the reduced loss in the logits' dtype ("sum"/"mean"), else 0
+  uintptr_t grad;          // (N, C) contiguous in the logits' dtype, or 0: no gradient
+  uintptr_t stats;         // float32 (N, kSoftmaxStatFloats) contiguous, with grad (counted rows only)
+};
+
+struct SoftmaxBackwardArgs {
+  SoftmaxInputs inputs;    // as given to the forward
+  uintptr_t stats;         // the forward's saved stats
+  uintptr_t upstream;      // the upstream gradient in the logits' dtype: () or (N,)
+  int64_t upstream_stride; // 0 for a scalar (or an expanded one)
+  uintptr_t grad;          // the forward's gradient: rewritten in the rows that need it
+};
+
+// What the multi-label family's forward and backward both read.
+struct MultilabelInputs {
   MultilabelParams math;
   int dtype;          // logits
   int target_dtype;   // any DType (bool arrives as kUInt8)
@@ -54,40 +68,39 @@ struct MultilabelForwardArgs {
   int64_t logits_row_stride;
   uintptr_t targets;  // (N, C), unit column stride
   int64_t targets_row_stride;
-  int reduction;
   float grad_scale;   // 1, or 1/(N·C) for "mean"
+};
+
+struct MultilabelForwardArgs {
+  MultilabelInputs inputs;
+  int reduction;
   uintptr_t partials; // float32 (kMultilabelMaxBlocks,) scratch for "sum"/"mean", else 0
   uintptr_t loss;     // (N, C) contiguous for "none", else ()
   uintptr_t grad;     // (N, C) contiguous, or 0: no gradient
 };
 
-struct ScaleGradientArgs {
-  int dtype;
-  int64_t num_rows;
-  int64_t num_cols;
-  uintptr_t grad;       // (N, C) contiguous: scaled in place
-  uintptr_t upstream;   // the upstream gradient, same dtype
-  int mode;             // UpstreamMode
-  int64_t upstream_stride0;
+struct MultilabelBackwardArgs {
+  MultilabelInputs inputs;    // as given to the forward
+  uintptr_t upstream;         // the upstream gradient in the logits' dtype: () or (N, C)
+  int64_t upstream_stride0;   // 0 and 0 for a scalar; any strides for (N, C)
   int64_t upstream_stride1;
-  // Softmax family: rows whose target is ignored or out of range keep their zero
-  // gradient (also for a NaN upstream gradient, as in the reference). 0: every row scales.
-  uintptr_t target;
-  int64_t target_stride;
-  bool target_is_int64;
-  bool has_ignore_index;
-  int64_t ignore_index;
+  uintptr_t grad;             // the forward's gradient: rewritten where the upstream is not 1
 };
 
-// Blocks of the multi-label kernel at most (its "sum"/"mean" partials buffer size).
+// Blocks of the multi-label kernels at most (the "sum"/"mean" partials buffer size).
 constexpr int kMultilabelMaxBlocks = 2048;
 // Softmax rows up to this many classes stay in registers (read once); longer rows are
 // read twice (statistics sweep, then gradient sweep).
 constexpr int kCachedRowLimit = 8192;
 
+// The forward writes the loss and, when grad is given, the gradient for an upstream
+// gradient of 1 (and the softmax family's per-row stats). The backward reads the
+// upstream gradient on the device and recomputes the gradient, times it, only where it
+// is not 1 (recompute_row / recompute_element in loss_math.cuh).
 void softmax_forward(const SoftmaxForwardArgs& args, const Launch& launch);
+void softmax_backward(const SoftmaxBackwardArgs& args, const Launch& launch);
 void multilabel_forward(const MultilabelForwardArgs& args, const Launch& launch);
-void scale_gradient(const ScaleGradientArgs& args, const Launch& launch);
+void multilabel_backward(const MultilabelBackwardArgs& args, const Launch& launch);
 int cuda_runtime_version();  // of the (static) CUDA runtime linked into _C
 int cuda_driver_version();   // CUDA version the installed driver supports; 0: no driver
 

@@ -4,7 +4,13 @@
 // (softmax_loss.cu, multilabel_loss.cu) call them on the GPU, and host_math.cpp calls
 // the very same functions on CPU buffers so that tests/test_cuda_host_math.py can check
 // them against the reference without a GPU. Nothing here touches memory: callers load
-// the values, accumulate them into a row state, merge states, and ask for the gradient.
+// the values, accumulate them into a row state, merge states, and ask for the gradient
+// (the one exception: a row's saved statistics to and from a float buffer).
+//
+// The gradient of an element is one function (row_gradient, multilabel_gradient) that
+// takes the upstream gradient: the forward calls it with 1, and the backward calls it
+// again with the upstream gradient where that is not 1, so the gradient is rounded into
+// the logits' dtype once, never rescaled after rounding.
 //
 // Everything is float32 (the kernels accumulate in float32 whatever the logits' dtype).
 #pragma once
@@ -89,6 +95,13 @@ struct MultilabelParams {
 MPT_HD LossAndGrad multilabel_element(float x, bool positive, const MultilabelParams& p) {
   return p.splc ? splc_element(x, positive, p.correct_negatives, p.tau, p.margin, p.gamma)
                 : hill_element(x, positive, p.lamb, p.margin, p.gamma);
+}
+
+// The logits' gradient of one element: upstream · scale · ∂ℓ/∂x, scale = 1/(N·C) for
+// "mean", else 1. The forward stores it for upstream = 1; the backward recomputes it
+// where the upstream gradient is not 1.
+MPT_HD float multilabel_gradient(const LossAndGrad& element, float scale, float upstream) {
+  return upstream * (scale * element.grad);
 }
 
 // --------------------------------------------------------------------------- online softmax
@@ -289,12 +302,35 @@ struct SourceGrad {
   float student_inv_sum;
 };
 
-struct SoftmaxRowResult {
-  float loss;
-  float ce_max;
+// What the gradient of a reduced row needs. The forward saves it for every counted row
+// as kSoftmaxStatFloats float32 values (store_row_stats), so that the backward
+// recomputes the row's gradient in one sweep without reducing the row again.
+struct SoftmaxRowStats {
+  float scale;  // the row's share of the reduction: 1/count for "mean", else 1
+  float ce_max;  // LSE(z̃) as max and 1/Σ exp(z̃_j - max)
   float ce_inv_sum;
   SourceGrad old_src;
   SourceGrad new_src;
+};
+
+constexpr int kSoftmaxStatFloats = 13;
+static_assert(sizeof(SoftmaxRowStats) == kSoftmaxStatFloats * sizeof(float), "stats are whole floats");
+
+MPT_HD void store_row_stats(const SoftmaxRowStats& s, float* out) {
+  const float values[kSoftmaxStatFloats] = {
+      s.scale, s.ce_max, s.ce_inv_sum,
+      s.old_src.coef, s.old_src.teacher_max, s.old_src.teacher_inv_sum, s.old_src.student_max, s.old_src.student_inv_sum,
+      s.new_src.coef, s.new_src.teacher_max, s.new_src.teacher_inv_sum, s.new_src.student_max, s.new_src.student_inv_sum};
+  for (int k = 0; k < kSoftmaxStatFloats; ++k) out[k] = values[k];
+}
+
+MPT_HD SoftmaxRowStats load_row_stats(const float* in) {
+  return {in[0], in[1], in[2], {in[3], in[4], in[5], in[6], in[7]}, {in[8], in[9], in[10], in[11], in[12]}};
+}
+
+struct SoftmaxRowResult {
+  float loss;
+  SoftmaxRowStats stats;
 };
 
 // w_i = α + β f_i (spec §2)
@@ -324,9 +360,12 @@ MPT_HD float source_finish(const SourceState& s, const SoftmaxRowParams& p, floa
   return weight * w * s.squares / (2.0f * static_cast<float>(columns));
 }
 
-// The row's loss L_i (spec §3) and the constants of its gradient; y is a valid class.
-MPT_HD SoftmaxRowResult row_finish(const SoftmaxRowState& s, const SoftmaxRowParams& p, int64_t y) {
-  SoftmaxRowResult r{};
+// The row's loss L_i (spec §3) and the constants of its gradient, whose share of the
+// reduction is `scale`; y is a valid class.
+MPT_HD SoftmaxRowResult row_finish(const SoftmaxRowState& s, const SoftmaxRowParams& p, int64_t y, float scale) {
+  SoftmaxRowResult result{};
+  SoftmaxRowStats& r = result.stats;
+  r.scale = scale;
   float loss = 0.0f;
   if (p.has_ce) {
     const float lse = lse_value(s.ce);
@@ -342,8 +381,8 @@ MPT_HD SoftmaxRowResult row_finish(const SoftmaxRowState& s, const SoftmaxRowPar
   }
   if (p.has_old) loss += source_finish(s.old_src, p, p.old_weight, p.num_old_classes, y, r.old_src);
   if (p.has_new) loss += source_finish(s.new_src, p, p.new_weight, p.num_classes, y, r.new_src);
-  r.loss = loss;
-  return r;
+  result.loss = loss;
+  return result;
 }
 
 MPT_HD float source_gradient(const SourceGrad& g, const SoftmaxRowParams& p, float z, float r) {
@@ -353,9 +392,11 @@ MPT_HD float source_gradient(const SourceGrad& g, const SoftmaxRowParams& p, flo
   return g.coef * (q - prob);  // (S/τ)(q_j - p_j)
 }
 
-// ∂L_i/∂z_ij (spec §3), before the row's upstream factor.
-MPT_HD float row_gradient(const SoftmaxRowResult& r, const SoftmaxRowParams& p, int j, int64_t y,
-                          float z, float delta, float r_old, float r_new) {
+// The logits' gradient of column j: upstream · scale · ∂L_i/∂z_ij (spec §3). The forward
+// stores it for upstream = 1; the backward recomputes it from the same inputs and the
+// saved stats where the row's upstream gradient is not 1.
+MPT_HD float row_gradient(const SoftmaxRowStats& r, const SoftmaxRowParams& p, int j, int64_t y, float z,
+                          float delta, float r_old, float r_new, float upstream) {
   float g = 0.0f;
   if (p.has_ce) {
     const float prob = expf(z + delta - r.ce_max) * r.ce_inv_sum;
@@ -365,7 +406,7 @@ MPT_HD float row_gradient(const SoftmaxRowResult& r, const SoftmaxRowParams& p, 
   }
   if (p.has_old && j < p.num_old_classes) g += source_gradient(r.old_src, p, z, r_old);
   if (p.has_new) g += source_gradient(r.new_src, p, z, r_new);
-  return g;
+  return upstream * (r.scale * g);
 }
 
 // --------------------------------------------------------------------------- targets
@@ -376,6 +417,17 @@ enum TargetKind : int { kTargetCounted = 0, kTargetIgnored = 1, kTargetOutOfRang
 MPT_HD int classify_target(int64_t y, bool has_ignore_index, int64_t ignore_index, int num_classes) {
   if (has_ignore_index && y == ignore_index) return kTargetIgnored;
   return (y < 0 || y >= num_classes) ? kTargetOutOfRange : kTargetCounted;
+}
+
+// --------------------------------------------------------------------------- backward
+// Whether the backward recomputes a gradient: where the upstream gradient is exactly 1
+// the forward's gradient is already the answer (rounded once), and an ignored or
+// out-of-range softmax row keeps its zero gradient whatever the upstream gradient, NaN
+// included (as in the reference).
+MPT_HD bool recompute_element(float upstream) { return upstream != 1.0f; }
+
+MPT_HD bool recompute_row(int target_kind, float upstream) {
+  return target_kind == kTargetCounted && recompute_element(upstream);
 }
 
 }  // namespace mpt

@@ -5,6 +5,11 @@ other than 1, reduction "none" with a random upstream gradient, row counts and c
 counts that are not multiples of a block (small rows, rows kept in registers, rows
 streamed in chunks), poisoned memory under the gradient buffer, non-contiguous and
 misaligned rows, and bitwise determinism. The reference runs on the same device.
+
+A scaled backward (GradScaler's 2^15, a loss weight, a random upstream of "none") must
+round the gradient once: it is compared with autograd of the reference in float32 cast
+once into the logits' dtype (1 ulp, see test_cuda_host_math.assert_single_rounding), and
+the backward kernels must write nothing where the upstream gradient is 1.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ import zlib
 import pytest
 import torch
 
+import inspect
+
 import mpt_kernels as mk
+from mpt_kernels import reference
 from mpt_kernels._registry import select_backend
+from mpt_kernels._validation import check_splc
 from mpt_kernels.backends import cuda as cuda_backend
+from test_cuda_host_math import assert_single_rounding, single_rounding_errors
 
 pytestmark = pytest.mark.gpu
 
@@ -201,7 +211,7 @@ def test_reduction_none_with_random_upstream(dtype, n, c):
     z, old, new, y = softmax_inputs(n, c, c // 2, dtype, 3)
     loss, _ = loss_and_grad(mk.mpt_loss, z, y, old, new, backend="reference", reduction="none")
     upstream = random_upstream(loss, 4)
-    upstream[:3] = 1  # rows left as they are by the scaling kernel
+    upstream[:3] = 1  # rows the backward kernel leaves as the forward wrote them
     loss, grad = check_against_reference(mk.mpt_loss, z, y, old, new, upstream=upstream, reduction="none")
     assert (loss[y == -100] == 0).all() and (grad[y == -100] == 0).all()
 
@@ -209,9 +219,9 @@ def test_reduction_none_with_random_upstream(dtype, n, c):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_upstream_strides_and_exact_one(reduction):
     z, old, new, y = softmax_inputs(64, 999, 500, torch.float32, 5)
-    # an upstream gradient of exactly 1 (the scaling kernel returns at once), and an
+    # an upstream gradient of exactly 1 (the backward kernel writes nothing), and an
     # expanded one (stride 0) as `loss.sum().backward()` gives for "none"
-    for make_upstream in (lambda l: torch.ones_like(l), lambda l: torch.full((), 0.3, device=DEVICE).expand_as(l)):
+    for make_upstream in (torch.ones_like, lambda loss: torch.full((), 0.3, device=DEVICE).expand_as(loss)):
         loss, _ = loss_and_grad(mk.mpt_loss, z, y, old, new, backend="reference", reduction=reduction)
         check_against_reference(mk.mpt_loss, z, y, old, new, upstream=make_upstream(loss), reduction=reduction)
 
@@ -406,12 +416,12 @@ def test_no_host_synchronisation():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for reduction in ("mean", "none"):
+        for reduction, value in itertools.product(("mean", "none"), (1.0, 0.5)):  # 0.5: the recompute kernels
             loss_and_grad(mk.mpt_loss, z, y, old, new, class_bias=bias, reduction=reduction, backend=BACKEND,
-                          upstream=torch.ones((256,) if reduction == "none" else (), device=DEVICE,
+                          upstream=torch.full((256,) if reduction == "none" else (), value, device=DEVICE,
                                               dtype=torch.bfloat16))
             loss_and_grad(mk.splc_loss, x, t, epoch=3, reduction=reduction, backend=BACKEND,
-                          upstream=torch.ones(x.shape if reduction == "none" else (), device=DEVICE,
+                          upstream=torch.full(x.shape if reduction == "none" else (), value, device=DEVICE,
                                               dtype=torch.float16))
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -470,6 +480,180 @@ def test_torch_compile_fullgraph():
     traced = loss_and_grad(lambda x, backend: compiled(x), z, backend=BACKEND)
     torch.testing.assert_close(traced[0], eager[0])
     torch.testing.assert_close(traced[1], eager[1])
+
+
+# --------------------------------------------------------------------------- a scaled backward rounds once
+def float32_reference_gradient(function, logits, *args, upstream, **options):
+    """Autograd of the reference on float32 copies of the inputs: what a single rounding
+    of the gradient must give."""
+    def to_float32(value):
+        return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    leaf = logits.detach().float().requires_grad_(True)
+    loss = function(leaf, *map(to_float32, args), backend="reference", **options)
+    (grad,) = torch.autograd.grad(loss, leaf, upstream.float())
+    return grad
+
+
+def signed_upstream(loss: torch.Tensor, seed: int) -> torch.Tensor:
+    """|g| in [2, 4), alternating signs; a scalar 3.9: not powers of 2, so a double rounding shows."""
+    if loss.dim() == 0:
+        return torch.full_like(loss, 3.9)
+    g = torch.Generator(device=loss.device).manual_seed(seed)
+    magnitude = 2 + 2 * torch.rand(loss.shape, generator=g, device=loss.device)
+    sign = 1 - 2 * (torch.arange(loss.numel(), device=loss.device).reshape(loss.shape) % 2)
+    return (magnitude * sign).to(loss.dtype)
+
+
+# (function, its arguments after the logits, options) for the inputs (old, new, y)
+GRAD_SCALER_CASES = {
+    "margin_cross_entropy": lambda old, new, y: (mk.margin_cross_entropy, (y,), {}),
+    "mpt_loss": lambda old, new, y: (mk.mpt_loss, (y, old, new),
+                                     dict(tau=1.0, new_class_bias=2.0, num_old_classes=old.shape[1])),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAD_SCALER_CASES))
+@pytest.mark.parametrize("c", [1000, 20000])  # rows in registers; rows streamed in chunks
+def test_fp16_grad_scaler_gradient_is_rounded_once(case, c):
+    """float16 logits, "mean" over 512 rows, GradScaler at 2^15: entries of the gradient
+    for an upstream of 1 below float16's normal range come out as the float32 reference
+    rounded once (the old design, rescaling the stored gradient, is off by hundreds of ulps)."""
+    n = 512
+    z, old, new, y = softmax_inputs(n, c, (2 * c) // 3, torch.float16, 60 + c)
+    z[:, ::3] -= 9.0  # p ~ 1e-8..1e-4: p/512 is a float16 subnormal
+    new[:, ::3] -= 9.0  # and so is the teacher's softmax at τ = 1
+    function, rest, options = GRAD_SCALER_CASES[case](old, new, y)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**15)
+    leaf = z.clone().requires_grad_(True)
+    scaler.scale(function(leaf, *rest, backend=BACKEND, **options)).backward()
+    upstream = torch.tensor(2.0**15, device=DEVICE)
+    expected = float32_reference_gradient(function, z, *rest, upstream=upstream, **options)
+    unscaled = expected / 2.0**15  # the premise: many entries are float16 subnormals for an upstream of 1
+    assert ((unscaled != 0) & (unscaled.abs() < torch.finfo(torch.float16).tiny)).sum() > 10_000
+    assert_single_rounding(leaf.grad, expected, case)
+    one = torch.ones((), device=DEVICE, dtype=torch.float16)
+    _, unit = loss_and_grad(function, z, *rest, backend=BACKEND, upstream=one, **options)
+    assert single_rounding_errors((unit.float() * 2.0**15).half(), expected).max() > 100  # the old design fails
+
+
+def test_fp16_grad_scaler_multilabel_mean():
+    x, t = multilabel_inputs(512, 300, torch.float16, torch.bool, 62)  # 1/(N·C): every entry below normal
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**15)
+    for function, options in ((mk.hill_loss, {}), (mk.splc_loss, {"epoch": 2})):
+        leaf = x.clone().requires_grad_(True)
+        scaler.scale(function(leaf, t, reduction="mean", backend=BACKEND, **options)).backward()
+        upstream = torch.tensor(2.0**15, device=DEVICE)
+        expected = float32_reference_gradient(function, x, t, upstream=upstream, reduction="mean", **options)
+        assert_single_rounding(leaf.grad, expected, function.__name__)
+        _, unit = loss_and_grad(function, x, t, backend=BACKEND, reduction="mean",
+                                upstream=torch.ones((), device=DEVICE, dtype=torch.float16), **options)
+        assert single_rounding_errors((unit.float() * 2.0**15).half(), expected).max() > 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("n, c", [(256, 1000), (32, 20000)])
+def test_scaled_backward_rounds_once(dtype, reduction, n, c):
+    z, old, new, y = softmax_inputs(n, c, c // 2, dtype, 63)
+    options = dict(focus="neg_flip", label_smoothing=0.1, num_old_classes=c // 2, new_class_bias=2.0, tau=2.0,
+                   reduction=reduction)
+    loss, _ = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, **options)
+    upstream = signed_upstream(loss, 64)
+    _, grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, upstream=upstream, **options)
+    expected = float32_reference_gradient(mk.mpt_loss, z, y, old, new, upstream=upstream, **options)
+    assert_single_rounding(grad, expected, f"mpt_loss {dtype} {reduction}", exact_fraction=0.99)
+
+    x, t = multilabel_inputs(n, c // 10, dtype, torch.bool, 65)
+    for function, ml_options in ((mk.hill_loss, {}), (mk.splc_loss, {"epoch": 2})):
+        loss, _ = loss_and_grad(function, x, t, backend=BACKEND, reduction=reduction, **ml_options)
+        upstream = signed_upstream(loss, 66)
+        _, grad = loss_and_grad(function, x, t, backend=BACKEND, upstream=upstream, reduction=reduction,
+                                **ml_options)
+        expected = float32_reference_gradient(function, x, t, upstream=upstream, reduction=reduction, **ml_options)
+        assert_single_rounding(grad, expected, f"{function.__name__} {dtype} {reduction}", exact_fraction=0.99)
+
+
+def _mpt_args(z, y, old, new, **options):
+    """The validated record mk.mpt_loss hands the backend."""
+    defaults = {name: p.default for name, p in inspect.signature(mk.mpt_loss).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name != "backend"}
+    return reference.mpt_loss_args(z, y, old, new, **dict(defaults, **options))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [100, 3000, 20000])
+def test_backward_writes_only_rows_whose_upstream_is_not_one(dtype, c):
+    """The forward's gradient is poisoned before the backward: rows whose upstream
+    gradient is 1, ignored rows and out-of-range rows must keep the poison (no write),
+    every other row must be the reference's, rounded once."""
+    n = 96
+    z, old, new, y = softmax_inputs(n, c, c // 2, dtype, 67, ignored=0.2)
+    y[5] = c  # out of range
+    counted = (y != -100) & (y < c)
+    per_row = signed_upstream(torch.empty(n, device=DEVICE, dtype=dtype), 68)
+    per_row[::4] = 1.0
+    per_row[~counted] = float("nan")  # ignored rows ignore even a NaN
+    cases = [("none", per_row), ("none", torch.ones((), device=DEVICE, dtype=dtype).expand(n)),
+             ("mean", torch.tensor(1.0, device=DEVICE, dtype=dtype)),
+             ("mean", torch.tensor(-0.37, device=DEVICE, dtype=dtype)),
+             ("sum", torch.tensor(2.0**15 if dtype != torch.float32 else 3.9, device=DEVICE, dtype=dtype))]
+    for reduction, upstream in cases:
+        options = dict(new_class_bias=2.0, num_old_classes=c // 2, label_smoothing=0.1, reduction=reduction)
+        args = _mpt_args(z, y, old, new, **options)
+        _, saved = cuda_backend._softmax_forward(args, True)
+        saved[0].fill_(float("nan"))
+        cuda_backend._softmax_backward(upstream, saved, args)
+        grad = saved[0]
+        rewritten = counted & (upstream.expand(n) != 1)
+        what = f"{reduction} {upstream.flatten()[:3].tolist()}"
+        assert torch.isnan(grad[~rewritten]).all(), what
+        assert not torch.isnan(grad[rewritten]).any(), what
+        if rewritten.any():  # (row 5 reads a valid class in the reference; it is not compared)
+            expected = float32_reference_gradient(mk.mpt_loss, z, y.clamp(max=c - 1), old, new, upstream=upstream,
+                                                  **options)
+            if dtype == torch.float32:
+                assert_close(grad[rewritten], expected[rewritten], dtype, what)
+            else:
+                assert_single_rounding(grad[rewritten], expected[rewritten], what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multilabel_backward_writes_only_elements_whose_upstream_is_not_one(dtype):
+    n, c = 64, 333
+    x, t = multilabel_inputs(n, c, dtype, torch.float32, 69)
+    g = torch.Generator(device=DEVICE).manual_seed(70)
+    per_element = signed_upstream(torch.empty(n, c, device=DEVICE, dtype=dtype), 71)
+    per_element[torch.rand(n, c, generator=g, device=DEVICE) < 0.3] = 1.0  # slots with some ones
+    per_element[3] = 1.0  # a whole row
+    per_element[5, :64] = 1.0  # whole slots
+    for reduction, upstream in (("none", per_element), ("none", torch.ones(n, c, device=DEVICE, dtype=dtype)),
+                                ("sum", torch.tensor(1.0, device=DEVICE, dtype=dtype)),
+                                ("mean", torch.tensor(0.37, device=DEVICE, dtype=dtype))):
+        args = check_splc(x, t, epoch=2, tau=0.6, change_epoch=1, margin=1.0, gamma=2.0, reduction=reduction)
+        _, saved = cuda_backend._multilabel_forward(args, True)
+        saved[0].fill_(float("nan"))
+        cuda_backend._multilabel_backward(upstream, saved, args)
+        grad = saved[0]
+        rewritten = upstream.expand(n, c) != 1
+        assert torch.isnan(grad[~rewritten]).all() and not torch.isnan(grad[rewritten]).any(), reduction
+        if rewritten.any():
+            expected = float32_reference_gradient(mk.splc_loss, x, t, upstream=upstream, epoch=2, reduction=reduction)
+            if dtype == torch.float32:
+                assert_close(grad[rewritten], expected[rewritten], dtype, reduction)
+            else:
+                assert_single_rounding(grad[rewritten], expected[rewritten], reduction)
+
+
+def test_second_backward_is_an_error():
+    # the first backward rewrote the saved gradient in place: a second one would scale it twice
+    z, old, new, y = softmax_inputs(32, 500, 300, torch.float32, 72)
+    x, t = multilabel_inputs(32, 50, torch.float32, torch.bool, 73)
+    for loss in (mk.mpt_loss(z.clone().requires_grad_(True), y, old, new, backend=BACKEND),
+                 mk.hill_loss(x.clone().requires_grad_(True), t, backend=BACKEND)):
+        loss.backward(torch.tensor(0.5, device=DEVICE), retain_graph=True)
+        with pytest.raises(RuntimeError, match="one backward per forward"):
+            loss.backward(torch.tensor(0.5, device=DEVICE))
 
 
 # --------------------------------------------------------------------------- multi-label family

@@ -4,6 +4,12 @@
 into host entry points over CPU float32 buffers (csrc/host_math.cpp). A row is split
 into lanes merged in a tree, as a block's threads split and merge it, so the online
 softmax and argmax merges are exercised too. The reference runs in float64.
+
+The backward's path is run the same way: the forward's saved row statistics, the
+inputs and an upstream gradient go through the kernels' decision (recompute only
+counted rows, or elements, whose upstream gradient is not 1) and gradient function, and
+the result is checked against the reference, and against the float32 reference cast
+once into float16 / bfloat16 (single rounding, the GradScaler case).
 """
 
 from __future__ import annotations
@@ -79,15 +85,25 @@ def _multilabel_inputs(seed: int, margin: float):
     return x.to(torch.float32), positive
 
 
-def _host_multilabel(args, x32: torch.Tensor, positive: torch.Tensor):
+def _host_multilabel(args, x32: torch.Tensor, positive: torch.Tensor, scale: float = 1.0):
     loss = torch.empty_like(x32)
     grad = torch.empty_like(x32)
     positive_bytes = positive.to(torch.uint8).contiguous()
     _C.host_multilabel(
         math=cuda_backend.multilabel_params(args), x=x32.data_ptr(), positive=positive_bytes.data_ptr(),
-        n=x32.numel(), loss=loss.data_ptr(), grad=grad.data_ptr(),
+        n=x32.numel(), scale=scale, loss=loss.data_ptr(), grad=grad.data_ptr(),
     )
     return loss, grad
+
+
+def _host_multilabel_backward(args, x32, positive, scale: float, upstream: torch.Tensor, grad: torch.Tensor) -> None:
+    """The backward kernel's per-element rewrite of ``grad`` (in place)."""
+    positive_bytes = positive.to(torch.uint8).contiguous()
+    upstream = upstream.to(torch.float32).expand(x32.shape).contiguous()
+    _C.host_multilabel_backward(
+        math=cuda_backend.multilabel_params(args), x=x32.data_ptr(), positive=positive_bytes.data_ptr(),
+        n=x32.numel(), scale=scale, upstream=upstream.data_ptr(), grad=grad.data_ptr(),
+    )
 
 
 def _reference_elements(args_of, x32: torch.Tensor, targets: torch.Tensor):
@@ -249,22 +265,48 @@ def _softmax_data(seed: int, *, scale: float = 3.0):
     return z, old, new, y
 
 
-def _host_rows(args, *, lanes=8, slot=4, with_grad=True):
+def _host_inputs(args) -> dict:
+    """The host entry points' input arguments for ``args`` (float32 rows, int64 targets),
+    and the buffers behind the addresses under "_keep"."""
     row = cuda_backend.softmax_row_params(args)
     z = args.logits.to(torch.float32).contiguous()
     old = args.old_logits.to(torch.float32).contiguous() if row.has_old else None
     new = args.new_logits.to(torch.float32).contiguous() if row.has_new else None
     bias = args.class_bias.to(torch.float32).contiguous() if (row.has_ce and args.class_bias is not None) else None
     target = args.target.to(torch.int64).contiguous()
-    loss = torch.empty(z.shape[0], dtype=torch.float32)
-    grad = torch.empty_like(z) if with_grad else None
-    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    _C.host_softmax_rows(
-        row=row, num_rows=z.shape[0], logits=ptr(z), old_logits=ptr(old), new_logits=ptr(new),
-        class_bias=ptr(bias), target=ptr(target), **cuda_backend.ignore_index_arguments(args.ignore_index),
-        lanes=lanes, slot=slot, loss=ptr(loss), grad=ptr(grad),
+    return dict(
+        row=row, num_rows=z.shape[0], logits=_ptr(z), old_logits=_ptr(old), new_logits=_ptr(new),
+        class_bias=_ptr(bias), target=_ptr(target), **cuda_backend.ignore_index_arguments(args.ignore_index),
+        _keep=(z, old, new, bias, target),
     )
-    return loss, grad
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _call(function, inputs: dict, **more):
+    function(**{k: v for k, v in inputs.items() if k != "_keep"}, **more)
+
+
+def _host_rows(args, *, lanes=8, slot=4, with_grad=True, mean=False):
+    """The forward: per-row losses, the gradient for an upstream gradient of 1 (times
+    1/count with ``mean``) and the rows' saved statistics."""
+    inputs = _host_inputs(args)
+    n, c = args.logits.shape
+    loss = torch.empty(n, dtype=torch.float32)
+    grad = torch.empty(n, c, dtype=torch.float32) if with_grad else None
+    stats = torch.empty(n, _C.SOFTMAX_STAT_FLOATS, dtype=torch.float32) if with_grad else None
+    _call(_C.host_softmax_rows, inputs, mean=mean, lanes=lanes, slot=slot, loss=_ptr(loss), grad=_ptr(grad),
+          stats=_ptr(stats))
+    return loss, grad, stats
+
+
+def _host_rows_backward(args, stats: torch.Tensor, upstream: torch.Tensor, grad: torch.Tensor) -> None:
+    """The backward kernel's rewrite of ``grad`` (in place); upstream: () or (N,)."""
+    upstream = upstream.to(torch.float32)
+    _call(_C.host_softmax_rows_backward, _host_inputs(args), stats=_ptr(stats), upstream=_ptr(upstream),
+          upstream_stride=upstream.stride(0) if upstream.dim() == 1 else 0, grad=_ptr(grad))
 
 
 def _reference_rows(make_args, z, old, new, y):
@@ -277,7 +319,7 @@ def _reference_rows(make_args, z, old, new, y):
 
 
 def _check_rows(make_args, z, old, new, y, *, lanes=8, slot=4, rtol=1e-5, atol=1e-5):
-    host_loss, host_grad = _host_rows(make_args(z, old, new, y), lanes=lanes, slot=slot)
+    host_loss, host_grad, _ = _host_rows(make_args(z, old, new, y), lanes=lanes, slot=slot)
     ref_loss, ref_grad = _reference_rows(make_args, z, old, new, y)
     torch.testing.assert_close(host_loss.double(), ref_loss, rtol=rtol, atol=atol, equal_nan=True)
     torch.testing.assert_close(host_grad.double(), ref_grad, rtol=rtol, atol=atol, equal_nan=True)
@@ -416,7 +458,7 @@ def test_nan_propagates_to_its_row_only():
     new[6, 30] = NAN
     y[8] = -100
     z[8, 3] = NAN  # an ignored row stays 0, its gradient too
-    loss, grad = _host_rows(_mpt()(z, old, new, y))
+    loss, grad, _ = _host_rows(_mpt()(z, old, new, y))
     ref_loss, ref_grad = _reference_rows(_mpt(), z, old, new, y)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert torch.isnan(loss[[2, 4, 6]]).all()
@@ -432,7 +474,7 @@ def test_nan_propagates_to_its_row_only():
 def test_out_of_range_target_gives_nan_row_and_no_gradient():
     z, old, new, y = _softmax_data(31)
     y[3], y[5], y[7] = C, -1, -100
-    loss, grad = _host_rows(_mpt()(z, old, new, y))
+    loss, grad, _ = _host_rows(_mpt()(z, old, new, y))
     assert torch.isnan(loss[[3, 5]]).all() and loss[7].item() == 0.0
     assert (grad[[3, 5, 7]] == 0).all()
     ref_loss, ref_grad = _reference_rows(_mpt(), z, old, new, y)
@@ -450,7 +492,7 @@ def test_ignore_index_outside_int64_matches_nothing():
     # a record that bypasses it
     with pytest.raises(ValueError, match="ignore_index"):
         _mpt(ignore_index=2**70)(z, old, new, y)
-    loss, grad = _host_rows(dataclasses.replace(_mpt()(z, old, new, y), ignore_index=2**70))
+    loss, grad, _ = _host_rows(dataclasses.replace(_mpt()(z, old, new, y), ignore_index=2**70))
     # the reference cannot compare int64 targets with 2**70; -12345 matches no target either
     ref_loss, ref_grad = _reference_rows(_mpt(ignore_index=-12345), z, old, new, y)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
@@ -467,6 +509,291 @@ def test_single_class_and_k_equal_c():
     y = torch.randint(0, 9, (6,), generator=g)
     for kind, focus in itertools.product(("kl", "lm"), ("neg_flip", "all")):
         _check_rows(_mpt(kind=kind, focus=focus), z, torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g), y)
+
+
+# --------------------------------------------------------------------------- backward: rows and elements
+# The backward kernels leave the forward's gradient where the upstream gradient is 1 and
+# rewrite the rest: recomputed from the inputs (and the saved row statistics) with the
+# upstream gradient multiplied in in float32. UNTOUCHED marks what they must not write.
+UNTOUCHED = 12345.0
+
+
+def _reference_gradient(make_args, z, old, new, y, upstream, dtype=torch.float64):
+    """The logits' gradient of the reference for ``upstream``, by autograd in ``dtype``.
+    (Through softmax_family_rows and reduce_rows, so that out-of-range targets are
+    allowed: their rows get no gradient.)"""
+    leaf = z.to(dtype).requires_grad_(True)
+    args = make_args(leaf, None if old is None else old.to(dtype), None if new is None else new.to(dtype), y)
+    rows, counted = reference.softmax_family_rows(args)
+    loss = reference.reduce_rows(rows, counted, args.reduction)
+    (grad,) = torch.autograd.grad(loss, leaf, upstream.to(dtype))
+    return grad
+
+
+@needs_extension
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind, sources", [("kl", "both"), ("lm", "both"), ("kl", "old"), ("kl", "none")])
+def test_backward_rewrites_the_rows_whose_upstream_is_not_one(reduction, kind, sources):
+    z, old, new, y = _softmax_data(43)
+    y[4], y[9], y[12] = -100, -100, C  # ignored, ignored, out of range
+    use_old, use_new = SOURCES.get(sources, (False, False))
+    old, new = (old if use_old else None), (new if use_new else None)
+    make_args = _mpt(kind=kind, focus="neg_flip", label_smoothing=0.1, new_class_bias=2.0, num_old_classes=K,
+                     tau=2.0, old_weight=0.7, new_weight=1.3, reduction=reduction)
+    args = make_args(z, old, new, y)
+    _, forward_grad, stats = _host_rows(args, mean=reduction == "mean")
+    counted = (y != -100) & (y < C)
+    g = torch.Generator().manual_seed(44)
+    if reduction == "none":
+        per_row = torch.rand(N, generator=g) * 3 - 1
+        per_row[[1, 6, 9]] = 1.0  # left as the forward wrote them (9 is ignored anyway)
+        per_row[4] = NAN  # an ignored row keeps its zero gradient
+        per_row[12] = NAN  # so does an out-of-range one
+        upstreams = [per_row, torch.tensor(0.3).expand(N), torch.tensor(1.0).expand(N)]  # expanded: stride 0
+    else:
+        upstreams = [torch.tensor(2.0**15), torch.tensor(-0.37), torch.tensor(1.0), torch.tensor(NAN)]
+    for upstream in upstreams:
+        rewritten = counted & (upstream.expand(N) != 1)
+        assert rewritten.any() == (upstream.ne(1).any().item())
+        # only the rewritten rows are written
+        poisoned = torch.full_like(forward_grad, UNTOUCHED)
+        _host_rows_backward(args, stats, upstream, poisoned)
+        assert (poisoned[~rewritten] == UNTOUCHED).all()
+        assert not (poisoned[rewritten] == UNTOUCHED).any()
+        # and the forward's gradient, rewritten, is the reference's for this upstream gradient
+        grad = forward_grad.clone()
+        _host_rows_backward(args, stats, upstream, grad)
+        torch.testing.assert_close(grad[rewritten], poisoned[rewritten], rtol=0, atol=0, equal_nan=True)
+        assert (grad[~counted] == 0).all()
+        expected = _reference_gradient(make_args, z, old, new, y, upstream)
+        if upstream.isnan().any() and reduction != "none":  # a NaN scalar: every counted row is NaN
+            assert torch.isnan(grad[counted]).all() and torch.isnan(expected[counted]).all()
+            continue
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-6 * scale)
+
+
+# --------------------------------------------------------------------------- backward: rounded once
+def dtype_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s numbers at |x| (the subnormal spacing below its normal
+    range), in float64."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(x.double().abs().clamp_min(info.tiny))  # |x| = m 2^e, m in [0.5, 1)
+    return torch.ldexp(torch.full_like(x, info.eps, dtype=torch.float64), exponent - 1)
+
+
+# Both sides compute in float32, in different orders: where a gradient entry cancels to
+# far less than its row's terms (p_j - ε/C, q_j - p_j), their float32 errors, relative to
+# those terms, can exceed the entry's own ulp. That noise is allowed on top of the ulp:
+# 2^-22 of the row's largest entry. A rescaled float16 subnormal (the GradScaler failure)
+# is off by far more.
+FLOAT32_NOISE = 2.0**-22
+
+
+def single_rounding_errors(actual: torch.Tensor, expected_float32: torch.Tensor) -> torch.Tensor:
+    """|actual - expected rounded once to actual's dtype| in ulps of that dtype, beyond the
+    float32 noise allowance (0 where within it, or both NaN); rows are the last dimension."""
+    dtype = actual.dtype
+    expected = expected_float32.to(dtype).double()
+    error = (actual.double() - expected).abs()
+    row_max = torch.nan_to_num(expected_float32.double().abs(), nan=0.0, posinf=0.0).amax(dim=-1, keepdim=True)
+    excess = (error - FLOAT32_NOISE * row_max).clamp_min(0) / dtype_ulp(expected, dtype)
+    both_nan = actual.isnan() & expected.isnan()
+    return torch.where(both_nan, 0.0, torch.nan_to_num(excess, nan=math.inf))
+
+
+def assert_single_rounding(actual, expected_float32, what: str, *, exact_fraction: float = 0.0) -> None:
+    """``actual`` is ``expected_float32`` (the float32 reference) rounded once to its
+    dtype, or a neighbour of that; and bitwise that value in at least ``exact_fraction``
+    of the entries (a double rounding misses it in about a quarter of them)."""
+    errors = single_rounding_errors(actual, expected_float32)
+    bad = errors > 1
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} entries more than 1 ulp off, e.g. "
+        f"{actual[bad][:4].tolist()} for {expected_float32[bad][:4].tolist()}"
+    )
+    expected = expected_float32.to(actual.dtype)
+    exact = ((actual == expected) | (actual.isnan() & expected.isnan())).double().mean().item()
+    assert exact >= exact_fraction, f"{what}: only {exact:.4f} of the entries are the reference rounded once"
+
+
+def _float32_reference(make_args, z, old, new, y, upstream):
+    """Autograd of the reference in float32 (the half-precision inputs' values), the
+    reference of a single rounding."""
+    return _reference_gradient(make_args, z.float(), None if old is None else old.float(),
+                               None if new is None else new.float(), y, upstream.float(), dtype=torch.float32)
+
+
+def _host_gradient(args, mean: bool, upstream: torch.Tensor):
+    """The forward's float32 gradient for an upstream of 1, and the backward's for ``upstream``."""
+    _, forward_grad, stats = _host_rows(args, mean=mean)
+    grad = forward_grad.clone()
+    _host_rows_backward(args, stats, upstream, grad)
+    return forward_grad, grad
+
+
+def _rescaled(forward_grad: torch.Tensor, upstream: torch.Tensor, dtype) -> torch.Tensor:
+    """The old design: the forward's gradient stored in ``dtype``, then times the upstream gradient."""
+    factor = upstream.float() if upstream.dim() == 0 else upstream.float().reshape(-1, *[1] * (forward_grad.dim() - 1))
+    return (forward_grad.to(dtype).float() * factor).to(dtype)
+
+
+@needs_extension
+def test_fp16_grad_scaler_gradient_is_rounded_once():
+    """float16 logits, "mean" over 256 rows, upstream 2^15 (GradScaler's scale): entries of
+    the gradient for an upstream of 1 fall below float16's normal range; recomputed with
+    the upstream multiplied in, they are the float32 reference rounded once, where the
+    old design (store, then rescale) is off by up to thousands of ulps."""
+    g = torch.Generator().manual_seed(45)
+    n, c, k = 256, 60, 40
+    z = torch.randn(n, c, generator=g) * 3
+    z[:, ::3] -= 9.0  # p ~ 1e-8..1e-4: p/256 is a float16 subnormal
+    old = torch.randn(n, k, generator=g) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    y[::10] = -100
+    z, old = z.half(), old.half()
+    upstream = torch.tensor(2.0**15, dtype=torch.float16)
+    for name, make_args, teacher in (
+        ("margin CE", _mpt(ce_weight=1.0, reduction="mean"), None),
+        ("focal distillation + CE", _mpt(tau=1.0, reduction="mean"), old),
+    ):
+        args = make_args(z, teacher, None, y)
+        forward_grad, grad = _host_gradient(args, True, upstream)
+        expected = _float32_reference(make_args, z, teacher, None, y, upstream)
+        unscaled = expected / 2.0**15  # the premise: many of them are float16 subnormals
+        assert ((unscaled != 0) & (unscaled.abs() < torch.finfo(torch.float16).tiny)).sum() > 1000, name
+        assert_single_rounding(grad.half(), expected, name)
+        old_design = single_rounding_errors(_rescaled(forward_grad, upstream, torch.float16), expected)
+        assert old_design.max() > 100, name  # the check catches the old design
+
+    # the multi-label "mean" over N·C elements: 1/(N·C) pushes every entry below float16's normal range
+    x = (torch.randn(n, c, generator=g) * 3).half()
+    positive = torch.rand(n, c, generator=g) < 0.3
+    args = check_hill(x, positive, lamb=1.5, margin=1.0, gamma=2.0, reduction="mean")
+    x32 = x.float().reshape(-1)
+    _, forward_grad = _host_multilabel(args, x32, positive.reshape(-1), scale=1.0 / x.numel())
+    grad = forward_grad.clone()
+    _host_multilabel_backward(args, x32, positive.reshape(-1), 1.0 / x.numel(), upstream, grad)
+    leaf = x.float().requires_grad_(True)
+    loss = reference.multilabel_loss(check_hill(leaf, positive, lamb=1.5, margin=1.0, gamma=2.0, reduction="mean"))
+    (expected,) = torch.autograd.grad(loss, leaf, upstream.float())
+    assert_single_rounding(grad.reshape(n, c).half(), expected, "hill mean")
+    old_design = single_rounding_errors(_rescaled(forward_grad, upstream, torch.float16).reshape(n, c), expected)
+    assert old_design.max() > 100
+
+
+@needs_extension
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_scaled_backward_rounds_once(dtype, reduction):
+    g = torch.Generator().manual_seed(46)
+    n, c, k = 128, 150, 100
+    z = (torch.randn(n, c, generator=g) * 3).to(dtype)
+    old = (torch.randn(n, k, generator=g) * 3).to(dtype)
+    new = (torch.randn(n, c, generator=g) * 3).to(dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[::7] = -100
+    if reduction == "none":
+        upstream = ((torch.rand(n, generator=g) * 2 + 2) * torch.where(torch.arange(n) % 2 == 0, 1, -1)).to(dtype)
+    else:
+        upstream = torch.tensor(3.9, dtype=dtype)  # not a power of 2: a double rounding shows
+    make_args = _mpt(focus="neg_flip", label_smoothing=0.1, new_class_bias=2.0, num_old_classes=k, tau=2.0,
+                     reduction=reduction)
+    forward_grad, grad = _host_gradient(make_args(z, old, new, y), reduction == "mean", upstream)
+    expected = _float32_reference(make_args, z, old, new, y, upstream)
+    assert_single_rounding(grad.to(dtype), expected, f"{dtype} {reduction}", exact_fraction=0.99)
+    with pytest.raises(AssertionError, match="rounded once|ulp off"):  # the old design fails it
+        assert_single_rounding(_rescaled(forward_grad, upstream, dtype), expected, "rescaled", exact_fraction=0.99)
+
+
+@needs_extension
+@pytest.mark.parametrize("loss", ["hill", "splc"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_multilabel_backward_rewrites_the_elements_whose_upstream_is_not_one(loss, reduction):
+    g = torch.Generator().manual_seed(47)
+    n, c = 12, 37
+    x = torch.randn(n, c, generator=g) * 4
+    positive = torch.rand(n, c, generator=g) < 0.4
+
+    def args_of(logits):
+        if loss == "hill":
+            return check_hill(logits, positive, lamb=1.5, margin=1.0, gamma=2.0, reduction=reduction)
+        return check_splc(logits, positive, epoch=3, tau=0.6, change_epoch=1, margin=1.0, gamma=2.0,
+                          reduction=reduction)
+
+    args = args_of(x)
+    scale = 1.0 / x.numel() if reduction == "mean" else 1.0
+    x32, flags = x.reshape(-1), positive.reshape(-1)
+    _, forward_grad = _host_multilabel(args, x32, flags, scale=scale)
+    if reduction == "none":
+        per_element = torch.rand(n, c, generator=g) * 3 - 1
+        per_element[torch.rand(n, c, generator=g) < 0.3] = 1.0
+        per_element[2] = 1.0  # a whole row
+        per_element[3, 5] = NAN
+        upstreams = [per_element, torch.tensor(1.0).expand(n, c)]
+    else:
+        upstreams = [torch.tensor(2.0**15), torch.tensor(-0.37), torch.tensor(1.0)]
+    for upstream in upstreams:
+        rewritten = (upstream.expand(n, c) != 1).reshape(-1)
+        flat_upstream = upstream.reshape(-1) if upstream.dim() else upstream
+        poisoned = torch.full_like(forward_grad, UNTOUCHED)
+        _host_multilabel_backward(args, x32, flags, scale, flat_upstream, poisoned)
+        assert (poisoned[~rewritten] == UNTOUCHED).all() and not (poisoned[rewritten] == UNTOUCHED).any()
+        grad = forward_grad.clone()
+        _host_multilabel_backward(args, x32, flags, scale, flat_upstream, grad)
+        leaf = x.double().requires_grad_(True)
+        (expected,) = torch.autograd.grad(reference.multilabel_loss(args_of(leaf)), leaf, upstream.double())
+        torch.testing.assert_close(grad.reshape(n, c).double(), expected, rtol=1e-5,
+                                   atol=1e-6 * expected.nan_to_num().abs().max().item(), equal_nan=True)
+
+
+# --------------------------------------------------------------------------- host-side glue
+@needs_extension
+def test_kernel_input_records_and_saved_state():
+    # what backends/cuda.py hands the kernels (built here from CPU tensors: no launch)
+    z, old, new, y = _softmax_data(53)
+    y32 = y.to(torch.int32)
+    bias = torch.linspace(-1.0, 1.0, C, dtype=torch.float16)
+    args = _mpt(class_bias=bias, reduction="mean")(z.t().contiguous().t(), old, new, y32)  # columns not adjacent
+    inputs, keep_alive = cuda_backend.softmax_inputs(args)
+    logits, old_copy, new_copy, bias32 = keep_alive
+    assert logits.stride(1) == 1 and torch.equal(logits, z) and inputs.logits == logits.data_ptr()
+    assert inputs.logits_row_stride == C and inputs.num_rows == N and inputs.dtype == _C.DTYPES["float32"]
+    assert inputs.old_logits == old.data_ptr() and inputs.old_row_stride == K  # adjacent columns: not copied
+    assert inputs.new_logits == new.data_ptr() and inputs.new_row_stride == C
+    assert bias32.dtype == torch.float32 and inputs.class_bias == bias32.data_ptr()
+    assert inputs.target == y32.data_ptr() and not inputs.target_is_int64 and inputs.target_stride == 1
+    assert inputs.has_ignore_index and inputs.ignore_index == -100 and inputs.row.num_classes == C
+    loss, saved = cuda_backend._softmax_forward_fake(args, True)
+    assert loss.shape == () and [t.shape for t in saved] == [(N, C), (N, _C.SOFTMAX_STAT_FLOATS)]
+    assert saved[0].dtype == z.dtype and saved[1].dtype == torch.float32
+    assert cuda_backend._softmax_forward_fake(args, False)[1] == []
+
+    x = torch.randn(6, 10)
+    targets = torch.rand(6, 10) > 0.5
+    ml_args = check_splc(x, targets, epoch=3, tau=0.6, change_epoch=1, margin=1.0, gamma=2.0, reduction="mean")
+    ml_inputs, _ = cuda_backend.multilabel_inputs(ml_args)
+    assert ml_inputs.grad_scale == pytest.approx(1 / 60) and ml_inputs.target_dtype == _C.DTYPES["bool"]
+    assert ml_inputs.math.splc and ml_inputs.math.correct_negatives and ml_inputs.num_cols == 10
+
+
+@needs_extension
+def test_backward_entry_points_reject_missing_buffers():
+    # checked before any CUDA call, so they run without a GPU
+    z, old, new, y = _softmax_data(59)
+    inputs, _ = cuda_backend.softmax_inputs(_mpt()(z, old, new, y))
+    with pytest.raises(ValueError, match="stats, upstream and grad are required"):
+        _C.softmax_backward(inputs=inputs, stats=0, upstream=0, upstream_stride=0, grad=0, device=0, stream=0)
+    inputs.num_rows = 0  # nothing to do: returns before touching the device
+    _C.softmax_backward(inputs=inputs, stats=0, upstream=0, upstream_stride=0, grad=0, device=0, stream=0)
+    ml_inputs, _ = cuda_backend.multilabel_inputs(
+        check_hill(z, z > 0, lamb=1.5, margin=1.0, gamma=2.0, reduction="none"))
+    with pytest.raises(ValueError, match="upstream and grad are required"):
+        _C.multilabel_backward(inputs=ml_inputs, upstream=0, upstream_stride0=0, upstream_stride1=0, grad=0,
+                               device=0, stream=0)
+    with pytest.raises(ValueError, match="stats is required with grad"):
+        _C.softmax_forward(inputs=cuda_backend.softmax_inputs(_mpt()(z, old, new, y))[0], reduction=0,
+                           row_loss=1, counted_rows=0, loss=0, grad=1, stats=0, device=0, stream=0)
 
 
 def test_driver_too_old_for_the_static_runtime():

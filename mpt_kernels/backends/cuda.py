@@ -7,10 +7,18 @@ dtype codes, the device index and the current CUDA stream. The extension is buil
 install time when nvcc is found (setup.py); without it this module still imports and
 registers the backend, whose ``status`` says why it cannot run.
 
-The forward computes the gradient for an upstream gradient of 1 (``mean``'s 1/count
-folded in) when autograd will want it, and saves it; the backward scales it in place
-(``backward_in_place``), reading the upstream gradient on the device: nothing waits
-for the GPU.
+When autograd will want the gradient, the forward also computes it for an upstream
+gradient of 1 (``mean``'s 1/count folded in), rounded once into the logits' dtype, and
+saves it as ``saved[0]``; the softmax family also saves its rows' float32 statistics
+(``saved[1]``, (N, ``_C.SOFTMAX_STAT_FLOATS``)). The backward (``backward_in_place``)
+reads the upstream gradient on the device, so nothing waits for the GPU: where it is 1
+(a scalar, per row of the softmax family's "none", per element of the multi-label
+"none") it leaves ``saved[0]`` as it is, and elsewhere it recomputes the gradient from
+the inputs (and the statistics) times the upstream gradient in float32 and rounds it
+once into ``saved[0]``: never a rounded gradient rescaled, which would flush an fp16
+gradient scaled by GradScaler. Ignored softmax rows keep their zero gradient whatever
+the upstream gradient, NaN included. Inputs whose columns are not adjacent are copied in
+the forward and again in the backward.
 """
 
 from __future__ import annotations
@@ -103,9 +111,9 @@ def ignore_index_arguments(ignore_index: int) -> dict:
     return {"has_ignore_index": inside, "ignore_index": ignore_index if inside else 0}
 
 
-def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
-    if not torch.compiler.is_compiling():
-        check_target_values(args.target, args.logits.shape[1], args.ignore_index)
+def softmax_inputs(args: SoftmaxLossArgs):
+    """What the softmax kernels read, as ``_C.SoftmaxInputs``, and the tensors behind its
+    addresses (copies among them), which the caller keeps alive through the launch."""
     logits = _with_unit_column_stride(args.logits)
     num_rows, num_classes = logits.shape
     _check_classes(num_classes)
@@ -115,43 +123,82 @@ def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
     bias = None
     if row.has_ce and args.class_bias is not None:  # C values: applied in float32
         bias = args.class_bias.detach().to(torch.float32).contiguous()
-    device, dtype = logits.device, logits.dtype
+    inputs = _C.SoftmaxInputs()
+    inputs.row = row
+    inputs.dtype = _C.DTYPES[_dtype_name(logits.dtype)]
+    inputs.num_rows = num_rows
+    inputs.logits = logits.data_ptr()
+    inputs.logits_row_stride = logits.stride(0)
+    inputs.old_logits = _address(old)
+    inputs.old_row_stride = 0 if old is None else old.stride(0)
+    inputs.new_logits = _address(new)
+    inputs.new_row_stride = 0 if new is None else new.stride(0)
+    inputs.class_bias = _address(bias)
+    inputs.target = args.target.data_ptr()
+    inputs.target_stride = args.target.stride(0)
+    inputs.target_is_int64 = args.target.dtype == torch.int64
+    ignore = ignore_index_arguments(args.ignore_index)
+    inputs.has_ignore_index, inputs.ignore_index = ignore["has_ignore_index"], ignore["ignore_index"]
+    return inputs, (logits, old, new, bias)
+
+
+def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
+    if not torch.compiler.is_compiling():
+        check_target_values(args.target, args.logits.shape[1], args.ignore_index)
+    inputs, keep_alive = softmax_inputs(args)
+    num_rows = args.logits.shape[0]
+    device, dtype = args.logits.device, args.logits.dtype
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=device)
     counted_rows = torch.empty(1, dtype=torch.int64, device=device) if args.reduction == "mean" else None
     loss = torch.empty((), dtype=dtype, device=device) if args.reduction != "none" else None
-    grad = torch.empty((num_rows, num_classes), dtype=dtype, device=device) if needs_grad else None
+    saved = _softmax_saved(args, needs_grad)
     with _on_device(device):
         _C.softmax_forward(
-            row=row,
-            dtype=_C.DTYPES[_dtype_name(dtype)],
-            num_rows=num_rows,
-            logits=logits.data_ptr(),
-            logits_row_stride=logits.stride(0),
-            old_logits=_address(old),
-            old_row_stride=0 if old is None else old.stride(0),
-            new_logits=_address(new),
-            new_row_stride=0 if new is None else new.stride(0),
-            class_bias=_address(bias),
-            target=args.target.data_ptr(),
-            target_stride=args.target.stride(0),
-            target_is_int64=args.target.dtype == torch.int64,
-            **ignore_index_arguments(args.ignore_index),
+            inputs=inputs,
             reduction=_C.REDUCTIONS[args.reduction],
             row_loss=row_loss.data_ptr(),
             counted_rows=_address(counted_rows),
             loss=_address(loss),
-            grad=_address(grad),
+            grad=_address(saved[0] if saved else None),
+            stats=_address(saved[1] if saved else None),
             **_launch(device),
         )
+    del keep_alive  # after the launch: on the same stream, the allocator reuses them only after the kernels
     if args.reduction == "none":
         loss = row_loss.to(dtype)
-    return loss, ([grad] if needs_grad else [])
+    return loss, saved
+
+
+def _softmax_saved(args: SoftmaxLossArgs, needs_grad: bool) -> list:
+    """[gradient (N, C) in the logits' dtype, row statistics (N, SOFTMAX_STAT_FLOATS) float32], or []."""
+    if not needs_grad:
+        return []
+    logits = args.logits
+    stats_shape = (logits.shape[0], _C.SOFTMAX_STAT_FLOATS)
+    return [logits.new_empty(logits.shape), logits.new_empty(stats_shape, dtype=torch.float32)]
 
 
 def _softmax_forward_fake(args: SoftmaxLossArgs, needs_grad: bool):
     logits = args.logits
     loss = logits.new_empty(() if args.reduction != "none" else (logits.shape[0],))
-    return loss, ([logits.new_empty(logits.shape)] if needs_grad else [])
+    return loss, _softmax_saved(args, needs_grad)
+
+
+def _softmax_backward(grad_loss: torch.Tensor, saved: list, args: SoftmaxLossArgs) -> None:
+    """Rewrites the rows of saved[0] whose upstream gradient is not 1 (see the module)."""
+    grad, stats = saved
+    inputs, keep_alive = softmax_inputs(args)
+    upstream = _upstream_in(grad_loss, grad.dtype)
+    with _on_device(grad.device):
+        _C.softmax_backward(
+            inputs=inputs,
+            stats=stats.data_ptr(),
+            upstream=upstream.data_ptr(),
+            upstream_stride=upstream.stride(0) if upstream.dim() == 1 else 0,
+            grad=grad.data_ptr(),
+            **_launch(grad.device),
+        )
+    del keep_alive
 
 
 # --------------------------------------------------------------------------- multi-label family
@@ -167,37 +214,47 @@ def multilabel_params(args: MultiLabelLossArgs):
     return math
 
 
-def _multilabel_forward(args: MultiLabelLossArgs, needs_grad: bool):
+def multilabel_inputs(args: MultiLabelLossArgs):
+    """What the multi-label kernels read, as ``_C.MultilabelInputs``, and the tensors
+    behind its addresses (copies among them), which the caller keeps alive through the launch."""
     logits = _with_unit_column_stride(args.logits)
     targets = _with_unit_column_stride(args.targets)
     num_rows, num_cols = logits.shape
-    device, dtype = logits.device, logits.dtype
     numel = num_rows * num_cols
+    inputs = _C.MultilabelInputs()
+    inputs.math = multilabel_params(args)
+    inputs.dtype = _C.DTYPES[_dtype_name(logits.dtype)]
+    inputs.target_dtype = _C.DTYPES[_dtype_name(targets.dtype)]
+    inputs.num_rows = num_rows
+    inputs.num_cols = num_cols
+    inputs.logits = logits.data_ptr()
+    inputs.logits_row_stride = logits.stride(0)
+    inputs.targets = targets.data_ptr()
+    inputs.targets_row_stride = targets.stride(0)
+    inputs.grad_scale = 1.0 / numel if args.reduction == "mean" and numel > 0 else 1.0
+    return inputs, (logits, targets)
+
+
+def _multilabel_forward(args: MultiLabelLossArgs, needs_grad: bool):
+    inputs, keep_alive = multilabel_inputs(args)
+    device, dtype = args.logits.device, args.logits.dtype
     if args.reduction == "none":
-        loss = torch.empty((num_rows, num_cols), dtype=dtype, device=device)
+        loss = torch.empty(args.logits.shape, dtype=dtype, device=device)
         partials = None
     else:
         loss = torch.empty((), dtype=dtype, device=device)
         partials = torch.empty(_C.MULTILABEL_MAX_BLOCKS, dtype=torch.float32, device=device)
-    grad = torch.empty((num_rows, num_cols), dtype=dtype, device=device) if needs_grad else None
+    grad = torch.empty(args.logits.shape, dtype=dtype, device=device) if needs_grad else None
     with _on_device(device):
         _C.multilabel_forward(
-            math=multilabel_params(args),
-            dtype=_C.DTYPES[_dtype_name(dtype)],
-            target_dtype=_C.DTYPES[_dtype_name(targets.dtype)],
-            num_rows=num_rows,
-            num_cols=num_cols,
-            logits=logits.data_ptr(),
-            logits_row_stride=logits.stride(0),
-            targets=targets.data_ptr(),
-            targets_row_stride=targets.stride(0),
+            inputs=inputs,
             reduction=_C.REDUCTIONS[args.reduction],
-            grad_scale=1.0 / numel if args.reduction == "mean" and numel > 0 else 1.0,
             partials=_address(partials),
             loss=_address(loss),
             grad=_address(grad),
             **_launch(device),
         )
+    del keep_alive
     return loss, ([grad] if needs_grad else [])
 
 
@@ -207,39 +264,28 @@ def _multilabel_forward_fake(args: MultiLabelLossArgs, needs_grad: bool):
     return loss, ([logits.new_empty(logits.shape)] if needs_grad else [])
 
 
-# --------------------------------------------------------------------------- backward
-def _scale_saved_gradient(grad_loss: torch.Tensor, saved: list, args) -> None:
-    """saved[0] (the gradient for an upstream gradient of 1) *= grad_loss, in place.
-
-    Softmax-family rows whose target is ignored (or out of range) keep their zero
-    gradient whatever the upstream gradient, NaN included, as in the reference.
-    """
-    grad = saved[0]
-    upstream = grad_loss if grad_loss.dtype == grad.dtype else grad_loss.to(grad.dtype)
-    mode = ("scalar", "per_row", "per_element")[upstream.dim()]
-    strides = list(upstream.stride()) + [0, 0]
-    if isinstance(args, SoftmaxLossArgs):
-        rows = dict(
-            target=args.target.data_ptr(),
-            target_stride=args.target.stride(0),
-            target_is_int64=args.target.dtype == torch.int64,
-            **ignore_index_arguments(args.ignore_index),
-        )
-    else:
-        rows = dict(target=0, target_stride=0, target_is_int64=True, has_ignore_index=False, ignore_index=0)
+def _multilabel_backward(grad_loss: torch.Tensor, saved: list, args: MultiLabelLossArgs) -> None:
+    """Rewrites the elements of saved[0] whose upstream gradient is not 1 (see the module)."""
+    (grad,) = saved
+    inputs, keep_alive = multilabel_inputs(args)
+    upstream = _upstream_in(grad_loss, grad.dtype)
+    strides = list(upstream.stride()) + [0, 0]  # a scalar: (0, 0)
     with _on_device(grad.device):
-        _C.scale_gradient(
-            dtype=_C.DTYPES[_dtype_name(grad.dtype)],
-            num_rows=grad.shape[0],
-            num_cols=grad.shape[1],
-            grad=grad.data_ptr(),
+        _C.multilabel_backward(
+            inputs=inputs,
             upstream=upstream.data_ptr(),
-            mode=_C.UPSTREAM_MODES[mode],
             upstream_stride0=strides[0],
             upstream_stride1=strides[1],
-            **rows,
+            grad=grad.data_ptr(),
             **_launch(grad.device),
         )
+    del keep_alive
+
+
+# --------------------------------------------------------------------------- helpers
+def _upstream_in(grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The upstream gradient in the logits' dtype (autograd hands it so already)."""
+    return grad_loss if grad_loss.dtype == dtype else grad_loss.to(dtype)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -298,11 +344,11 @@ def _auto_rank(family: str, logits: torch.Tensor) -> float:
 _FAMILIES = {
     "softmax": define_loss_ops(
         "cuda", "softmax", forward=_softmax_forward, forward_fake=_softmax_forward_fake,
-        backward=_scale_saved_gradient, dispatch_key="CUDA", backward_in_place=True,
+        backward=_softmax_backward, dispatch_key="CUDA", backward_in_place=True,
     ),
     "multilabel": define_loss_ops(
         "cuda", "multilabel", forward=_multilabel_forward, forward_fake=_multilabel_forward_fake,
-        backward=_scale_saved_gradient, dispatch_key="CUDA", backward_in_place=True,
+        backward=_multilabel_backward, dispatch_key="CUDA", backward_in_place=True,
     ),
 }
 
