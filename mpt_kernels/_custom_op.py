@@ -24,6 +24,7 @@ and that buffer is returned, so no second N x C buffer is ever allocated.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -50,6 +51,17 @@ FAMILY_PARAMETERS = {
 }
 
 FAMILY_ARGS = {"softmax": SoftmaxLossArgs, "multilabel": MultiLabelLossArgs}
+
+
+def _inputs_device(logits: torch.Tensor):
+    """Makes the logits' GPU the current device while a backend runs.
+
+    Kernels launch on the current device and stream (Triton's launcher, and _C, which
+    selects the device itself through its static CUDA runtime and would otherwise leave
+    torch's current device changed): with tensors on cuda:1 while cuda:0 is current, the
+    launch must happen on cuda:1. torch's guard restores the previous device afterwards.
+    """
+    return torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext()
 
 
 def define_loss_ops(
@@ -84,13 +96,15 @@ def define_loss_ops(
         _LIBRARY.define(f"{backward_name}(Tensor grad_loss, Tensor[] saved, {params}) -> Tensor")
 
     def forward_impl(*op_args):
-        return forward(make_args(*op_args[:-1]), op_args[-1])
+        with _inputs_device(op_args[0]):
+            return forward(make_args(*op_args[:-1]), op_args[-1])
 
     def forward_fake_impl(*op_args):
         return forward_fake(make_args(*op_args[:-1]), op_args[-1])
 
     def backward_impl(grad_loss, saved, *op_args):
-        return backward(grad_loss, saved, make_args(*op_args[:-1]))
+        with _inputs_device(op_args[0]):
+            return backward(grad_loss, saved, make_args(*op_args[:-1]))
 
     def backward_fake_impl(grad_loss, saved, logits, *rest):
         return None if backward_in_place else torch.empty_like(logits)

@@ -119,7 +119,9 @@ def softmax_family_rows(args: SoftmaxLossArgs) -> tuple[Tensor, Tensor]:
     # their loss is replaced below, so nothing reads outside the row.
     y = torch.where(counted & in_range, args.target, 0).long()
 
-    rows = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
+    # zeros that depend on z, so that a loss with every term switched off still has a
+    # (zero) gradient rather than none
+    rows = z[:, :0].sum(dim=1)
     if args.ce_weight != 0.0:
         rows = rows + args.ce_weight * cross_entropy_rows(
             z, y, margin_bias(args, dtype), args.label_smoothing

@@ -447,3 +447,278 @@ def test_validation_happens_before_dispatch():
     for backend in ("auto", "reference", "triton", "cuda"):
         with pytest.raises(ValueError, match=r"^tau must be > 0"):
             mpt_kernels.mpt_loss(x["logits"], x["target"], x["old"], x["new"], tau=0.0, backend=backend)
+
+
+# =========================================================================== hardening
+# Every backend that runs on CPU tensors here (reference; triton in the interpreter),
+# each called by name through the public API, plus the pure reference module.
+import dataclasses  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from mpt_kernels import _registry  # noqa: E402
+
+CPU = torch.device("cpu")
+# numpy (Triton's interpreter) warns about lanes it computes and then masks out
+INTERPRETER_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def cpu_backends(family: str, dtype=torch.float32) -> list:
+    return [b.name for b in _registry.registered_backends() if b.unavailable_reason(family, CPU, dtype) is None]
+
+
+def family_of(name: str) -> str:
+    return "softmax" if name in SOFTMAX_CALLS else "multilabel"
+
+
+# (function, backend): None is the pure reference (mpt_kernels.reference)
+CALLS_AND_BACKENDS = [
+    pytest.param(name, backend, id=f"{name}-{backend or 'pure_reference'}")
+    for name in ALL_CALLS
+    for backend in [None, *cpu_backends(family_of(name))]
+]
+
+
+def call_on(name, backend, **over):
+    if backend is None:
+        return ALL_CALLS[name](reference, **over)
+    return ALL_CALLS[name](mpt_kernels, backend=backend, **over)
+
+
+def test_cpu_backends_include_the_kernels():
+    for family in ("softmax", "multilabel"):
+        assert {"reference", "triton"} <= set(cpu_backends(family)), cpu_backends(family)
+
+
+# --------------------------------------------------------------------------- CPU tensors, GPU backend
+def _pretend_runnable(monkeypatch, name):
+    """The backend as if its extension were built and a GPU were visible: then only the
+    tensors' device can stop it."""
+    backend = _registry._BACKENDS.get(name)
+    if backend is None:
+        pytest.skip(f"backend {name!r} is not registered in this build")
+    monkeypatch.setitem(_registry._BACKENDS, name, dataclasses.replace(backend, status=lambda: None))
+
+
+@pytest.mark.parametrize("name", list(ALL_CALLS))
+def test_cpu_tensors_to_the_cuda_backend(name, monkeypatch):
+    _pretend_runnable(monkeypatch, "cuda")
+    expect_error(ALL_CALLS[name], "public", ValueError,
+                 r"backend 'cuda' cannot run here: CUDA kernels run on CUDA tensors, got a cpu tensor",
+                 backend="cuda")
+
+
+@pytest.mark.parametrize("name", list(ALL_CALLS))
+def test_cpu_tensors_to_the_triton_backend_without_interpreter(name, monkeypatch):
+    _pretend_runnable(monkeypatch, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    expect_error(ALL_CALLS[name], "public", ValueError,
+                 r"backend 'triton' cannot run here: Triton kernels run on CUDA tensors, got a cpu tensor",
+                 backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(ALL_CALLS))
+def test_cpu_tensors_to_the_cuda_backend_on_a_gpu_machine(name):
+    if _registry._BACKENDS.get("cuda") is None or _registry._BACKENDS["cuda"].status() is not None:
+        pytest.skip("the cuda backend cannot run here at all")
+    expect_error(ALL_CALLS[name], "public", ValueError,
+                 r"backend 'cuda' cannot run here: CUDA kernels run on CUDA tensors, got a cpu tensor",
+                 backend="cuda")
+
+
+# --------------------------------------------------------------------------- NaN in the inputs
+@INTERPRETER_WARNINGS
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name, backend", CALLS_AND_BACKENDS)
+def test_nan_logits_give_a_nan_loss(name, backend, reduction):
+    """NaN propagates, never silently finite; only the rows (elements) it touches."""
+    logits = make_inputs()["logits"]
+    logits[2, 1] = math.nan  # column 1 < K: focal distillation reads it too
+    leaf = logits.clone().requires_grad_(True)
+    loss = call_on(name, backend, logits=leaf, reduction=reduction)
+    if reduction != "none":
+        assert loss.isnan(), loss
+    elif family_of(name) == "softmax":
+        assert loss[2].isnan() and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all(), loss
+    else:
+        assert loss[2, 1].isnan() and int(loss.isnan().sum()) == 1, loss
+    (grad,) = torch.autograd.grad(loss.sum() if reduction == "none" else loss, leaf)
+    assert grad[2].isnan().any(), "a NaN row got a finite gradient"
+
+
+@INTERPRETER_WARNINGS
+@pytest.mark.parametrize("key", ["old", "new"])
+@pytest.mark.parametrize("backend", [None, *cpu_backends("softmax")])
+def test_nan_teacher_logits_give_a_nan_loss(key, backend):
+    teacher = make_inputs()[key]
+    teacher[4, 0] = math.nan
+    loss = call_on("mpt_loss", backend, reduction="none", **{key: teacher})
+    assert loss[4].isnan() and torch.isfinite(loss[[0, 1, 2, 3, 5]]).all(), loss
+
+
+@INTERPRETER_WARNINGS
+@pytest.mark.parametrize("backend", [None, *cpu_backends("softmax")])
+def test_nan_in_an_ignored_row_changes_nothing(backend):
+    x = make_inputs()
+    x["target"][3] = -100
+    logits, old, new = x["logits"].clone(), x["old"].clone(), x["new"].clone()
+    logits[3, 0] = old[3, 1] = new[3, 2] = math.nan
+    clean = call_on("mpt_loss", backend, target=x["target"], reduction="none")
+    dirty = call_on("mpt_loss", backend, logits=logits, old=old, new=new, target=x["target"], reduction="none")
+    assert dirty[3] == 0 and torch.equal(dirty, clean)
+
+
+@INTERPRETER_WARNINGS
+@pytest.mark.parametrize("backend", [None, *cpu_backends("softmax")])
+def test_non_finite_class_bias_propagates(backend):
+    """class_bias is a tensor of values (not validated): NaN reaches the loss."""
+    bias = torch.zeros(C)
+    bias[1] = math.nan
+    for name in ("margin_cross_entropy", "mpt_loss"):
+        loss = call_on(name, backend, class_bias=bias, reduction="none")
+        assert loss.isnan().all(), (name, loss)  # the bias enters every row's log-sum-exp
+
+
+# --------------------------------------------------------------------------- empty batch, one class
+@INTERPRETER_WARNINGS
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name, backend", CALLS_AND_BACKENDS)
+def test_empty_batch(name, backend, reduction):
+    """N = 0: a mean or sum over nothing is 0 (not NaN), "none" is empty, backward works."""
+    x = make_inputs()
+    empty = {key: value[:0] for key, value in x.items()}
+    leaf = empty["logits"].clone().requires_grad_(True)
+    loss = call_on(name, backend, **dict(empty, logits=leaf), reduction=reduction)
+    assert loss.dtype == leaf.dtype
+    if reduction == "none":
+        assert loss.shape == ((0,) if family_of(name) == "softmax" else (0, C))
+        upstream = torch.ones_like(loss)
+    else:
+        assert loss.shape == () and loss.item() == 0.0
+        upstream = torch.tensor(0.5)
+    (grad,) = torch.autograd.grad(loss, leaf, upstream)
+    assert grad.shape == (0, C)
+
+
+@INTERPRETER_WARNINGS
+@pytest.mark.parametrize("name, backend", CALLS_AND_BACKENDS)
+def test_single_class(name, backend):
+    """C = 1 (and C_old = K = 1): the CE and the KL of one class are 0 with 0 gradient;
+    logit matching and the multi-label losses are not; every backend equals the reference."""
+    x = make_inputs()
+    one = dict(logits=x["logits"][:, :1].contiguous(), old=x["old"][:, :1].contiguous(),
+               new=x["new"][:, :1].contiguous(), target=torch.zeros(N, dtype=torch.int64),
+               targets=x["targets"][:, :1].contiguous())
+    options = {"new_class_bias": 0.0} if name == "mpt_loss" else {}
+    for kind in (["kl", "lm"] if name in ("focal_distillation", "mpt_loss") else [None]):
+        over = dict(one, **options, reduction="none", **({"kind": kind} if kind else {}))
+        leaf = one["logits"].clone().requires_grad_(True)
+        loss = call_on(name, backend, **dict(over, logits=leaf))
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        ref_leaf = one["logits"].clone().requires_grad_(True)
+        expected = call_on(name, None, **dict(over, logits=ref_leaf))
+        (expected_grad,) = torch.autograd.grad(expected.sum(), ref_leaf)
+        torch.testing.assert_close(loss, expected, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=2e-5, atol=1e-6)
+        if family_of(name) == "softmax" and kind != "lm":
+            # 0 up to the rounding of the one-sweep KL identity (s - r) - r + s
+            assert loss.abs().max() <= 1e-6 and torch.equal(grad, torch.zeros_like(grad)), (loss, grad)
+        else:
+            assert loss.abs().sum() > 0
+
+
+@INTERPRETER_WARNINGS
+@pytest.mark.parametrize("backend", [None, *cpu_backends("softmax")])
+def test_single_class_with_label_smoothing_and_bias(backend):
+    x = make_inputs()
+    z, target = x["logits"][:, :1].contiguous(), torch.zeros(N, dtype=torch.int64)
+    for options in (dict(label_smoothing=0.3), dict(class_bias=torch.tensor([2.0])),
+                    dict(num_old_classes=1, new_class_bias=3.0)):
+        loss = call_on("margin_cross_entropy", backend, logits=z, target=target, reduction="none", **options)
+        assert torch.equal(loss, torch.zeros_like(loss)), options
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+def test_num_old_classes_outside_one_to_c(namespace):
+    """C_old = 0 and C_old > C, given as num_old_classes or as the old logits' width."""
+    x = make_inputs()
+    for bad in (0, -1, C + 1, 10 * C):
+        expect_error(call_mpt, namespace, ValueError, r"^num_old_classes must be", num_old_classes=bad, old=None)
+        expect_error(call_margin_ce, namespace, ValueError, r"^num_old_classes must be", num_old_classes=bad,
+                     new_class_bias=1.0)
+    for width in (0, C + 1):
+        teacher = torch.randn(N, width)
+        expect_error(call_mpt, namespace, ValueError, r"old_logits must have between 1 and", old=teacher)
+        expect_error(call_fd, namespace, ValueError, r"ref_logits must have between 1 and", old=teacher)
+    # an explicit num_old_classes that disagrees with the old logits' width
+    expect_error(call_mpt, namespace, ValueError, r"old_logits must have 4 columns", num_old_classes=4,
+                 old=x["old"])
+
+
+# --------------------------------------------------------------------------- non-finite parameters
+FLOAT_PARAMETERS = {
+    "margin_cross_entropy": ("new_class_bias", "label_smoothing"),
+    "focal_distillation": ("tau", "alpha", "beta"),
+    "mpt_loss": ("new_class_bias", "tau", "alpha", "beta", "ce_weight", "old_weight", "new_weight",
+                 "label_smoothing"),
+    "hill_loss": ("lamb", "margin", "gamma"),
+    "splc_loss": ("tau", "margin", "gamma"),
+}
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, np.float64("nan"), np.float32("inf")],
+                         ids=["nan", "inf", "-inf", "np_nan", "np_inf"])
+@pytest.mark.parametrize(
+    "name, parameter", [(name, p) for name, ps in FLOAT_PARAMETERS.items() for p in ps])
+def test_non_finite_parameters(name, parameter, value, namespace):
+    expect_error(ALL_CALLS[name], namespace, ValueError, rf"^{parameter} must be (finite|>=|>|<=)",
+                 **{parameter: value})
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+@pytest.mark.parametrize(
+    "name, parameter", [(name, p) for name, ps in FLOAT_PARAMETERS.items() for p in ps])
+def test_tensor_parameters_are_refused(name, parameter, namespace):
+    """A 0-d tensor would need a host read (a GPU sync) to validate: a TypeError instead."""
+    expect_error(ALL_CALLS[name], namespace, TypeError, rf"^{parameter} must be a real number, got Tensor",
+                 **{parameter: torch.tensor(0.5)})
+
+
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+def test_numpy_scalars_are_numbers(namespace):
+    ns = NAMESPACES[namespace]
+    torch.testing.assert_close(call_fd(ns, tau=np.float32(2.0), beta=np.int64(3)), call_fd(ns, tau=2.0, beta=3.0),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(call_splc(ns, epoch=np.int64(2), change_epoch=np.int32(1)),
+                               call_splc(ns, epoch=2, change_epoch=1), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- the epoch
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+@pytest.mark.parametrize("parameter", ["epoch", "change_epoch"])
+@pytest.mark.parametrize("value", [2.5, 2.0, math.nan, math.inf, torch.tensor(1), np.float64(1.0), "2", None],
+                         ids=["2.5", "2.0", "nan", "inf", "tensor", "np_float", "str", "None"])
+def test_non_integer_epoch(parameter, value, namespace):
+    expect_error(call_splc, namespace, TypeError, rf"^{parameter} must be an int", **{parameter: value})
+
+
+# --------------------------------------------------------------------------- target values
+BAD_TARGETS = [C, C + 7, 2**40, -1, -5, -(2**40)]
+
+
+@INTERPRETER_WARNINGS
+@pytest.mark.parametrize(
+    "bad, target_dtype",
+    [(bad, torch.int64) for bad in BAD_TARGETS] + [(bad, torch.int32) for bad in BAD_TARGETS if abs(bad) < 2**31],
+    ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("name, backend", [p for p in CALLS_AND_BACKENDS if p.values[0] in SOFTMAX_CALLS])
+def test_target_out_of_range_on_every_cpu_backend(name, backend, bad, target_dtype):
+    target = make_inputs()["target"]
+    target[4] = bad
+    target = target.to(target_dtype)
+    for reduction in ("mean", "none"):
+        for logits in (make_inputs()["logits"], make_inputs()["logits"].requires_grad_(True)):
+            with pytest.raises(ValueError, match=rf"target must hold class indices in \[0, {C}\).*found {bad}"):
+                call_on(name, backend, logits=logits, target=target, reduction=reduction)

@@ -61,16 +61,6 @@ def _launch(device: torch.device) -> dict:
     return {"device": device.index, "stream": torch.cuda.current_stream(device).cuda_stream}
 
 
-def _on_device(device: torch.device):
-    """torch's device guard around a _C call.
-
-    _C's static CUDA runtime selects the device with cudaSetDevice, which makes that
-    GPU's context current on the thread; torch's own runtime reads the same driver state,
-    so without the guard a call on cuda:1 tensors would leave torch's current device at 1.
-    The guard restores it afterwards (and never creates a context on another GPU).
-    """
-    return torch.cuda.device(device)
-
 
 def _address(tensor: Optional[torch.Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
@@ -152,17 +142,16 @@ def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
     counted_rows = torch.empty(1, dtype=torch.int64, device=device) if args.reduction == "mean" else None
     loss = torch.empty((), dtype=dtype, device=device) if args.reduction != "none" else None
     saved = _softmax_saved(args, needs_grad)
-    with _on_device(device):
-        _C.softmax_forward(
-            inputs=inputs,
-            reduction=_C.REDUCTIONS[args.reduction],
-            row_loss=row_loss.data_ptr(),
-            counted_rows=_address(counted_rows),
-            loss=_address(loss),
-            grad=_address(saved[0] if saved else None),
-            stats=_address(saved[1] if saved else None),
-            **_launch(device),
-        )
+    _C.softmax_forward(
+        inputs=inputs,
+        reduction=_C.REDUCTIONS[args.reduction],
+        row_loss=row_loss.data_ptr(),
+        counted_rows=_address(counted_rows),
+        loss=_address(loss),
+        grad=_address(saved[0] if saved else None),
+        stats=_address(saved[1] if saved else None),
+        **_launch(device),
+    )
     del keep_alive  # after the launch: on the same stream, the allocator reuses them only after the kernels
     if args.reduction == "none":
         loss = row_loss.to(dtype)
@@ -189,15 +178,14 @@ def _softmax_backward(grad_loss: torch.Tensor, saved: list, args: SoftmaxLossArg
     grad, stats = saved
     inputs, keep_alive = softmax_inputs(args)
     upstream = _upstream_in(grad_loss, grad.dtype)
-    with _on_device(grad.device):
-        _C.softmax_backward(
-            inputs=inputs,
-            stats=stats.data_ptr(),
-            upstream=upstream.data_ptr(),
-            upstream_stride=upstream.stride(0) if upstream.dim() == 1 else 0,
-            grad=grad.data_ptr(),
-            **_launch(grad.device),
-        )
+    _C.softmax_backward(
+        inputs=inputs,
+        stats=stats.data_ptr(),
+        upstream=upstream.data_ptr(),
+        upstream_stride=upstream.stride(0) if upstream.dim() == 1 else 0,
+        grad=grad.data_ptr(),
+        **_launch(grad.device),
+    )
     del keep_alive
 
 
@@ -245,15 +233,14 @@ def _multilabel_forward(args: MultiLabelLossArgs, needs_grad: bool):
         loss = torch.empty((), dtype=dtype, device=device)
         partials = torch.empty(_C.MULTILABEL_MAX_BLOCKS, dtype=torch.float32, device=device)
     grad = torch.empty(args.logits.shape, dtype=dtype, device=device) if needs_grad else None
-    with _on_device(device):
-        _C.multilabel_forward(
-            inputs=inputs,
-            reduction=_C.REDUCTIONS[args.reduction],
-            partials=_address(partials),
-            loss=_address(loss),
-            grad=_address(grad),
-            **_launch(device),
-        )
+    _C.multilabel_forward(
+        inputs=inputs,
+        reduction=_C.REDUCTIONS[args.reduction],
+        partials=_address(partials),
+        loss=_address(loss),
+        grad=_address(grad),
+        **_launch(device),
+    )
     del keep_alive
     return loss, ([grad] if needs_grad else [])
 
@@ -270,15 +257,14 @@ def _multilabel_backward(grad_loss: torch.Tensor, saved: list, args: MultiLabelL
     inputs, keep_alive = multilabel_inputs(args)
     upstream = _upstream_in(grad_loss, grad.dtype)
     strides = list(upstream.stride()) + [0, 0]  # a scalar: (0, 0)
-    with _on_device(grad.device):
-        _C.multilabel_backward(
-            inputs=inputs,
-            upstream=upstream.data_ptr(),
-            upstream_stride0=strides[0],
-            upstream_stride1=strides[1],
-            grad=grad.data_ptr(),
-            **_launch(grad.device),
-        )
+    _C.multilabel_backward(
+        inputs=inputs,
+        upstream=upstream.data_ptr(),
+        upstream_stride0=strides[0],
+        upstream_stride1=strides[1],
+        grad=grad.data_ptr(),
+        **_launch(grad.device),
+    )
     del keep_alive
 
 

@@ -39,7 +39,6 @@ atomics. Nothing here reads a device value back to the host.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
@@ -70,10 +69,6 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every buffer this module writes is allocated here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
-
-def _on_device(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device: make it the tensor's.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- shared math
@@ -274,20 +269,19 @@ def _forward(args, needs_grad):
     logits = args.logits
     n_rows, n_cols = logits.shape
     device, dtype = logits.device, logits.dtype
-    with _on_device(logits):
-        if args.reduction == "none":
-            loss = _empty((n_rows, n_cols), dtype, device)
-            _launch_elementwise(args, element_loss=loss)
-            # reserved for the backward, which writes dℓ/dx · g into it (module docstring)
-            return loss, ([_empty((n_rows, n_cols), dtype, device)] if needs_grad else [])
+    if args.reduction == "none":
+        loss = _empty((n_rows, n_cols), dtype, device)
+        _launch_elementwise(args, element_loss=loss)
+        # reserved for the backward, which writes dℓ/dx · g into it (module docstring)
+        return loss, ([_empty((n_rows, n_cols), dtype, device)] if needs_grad else [])
 
-        scale = _mean_scale(args)
-        grad = _empty((n_rows, n_cols), dtype, device) if needs_grad else None
-        n_partials = _num_tiles(n_rows, n_cols)
-        partials = _empty((n_partials,), torch.float32, device)
-        _launch_elementwise(args, tile_sums=partials, grad=grad, grad_scale=scale)
-        loss = _empty((), dtype, device)
-        _sum_tiles_kernel[(1,)](partials, loss, n_partials, scale, BLOCK=FLAT_BLOCK, num_warps=_num_warps(FLAT_BLOCK))
+    scale = _mean_scale(args)
+    grad = _empty((n_rows, n_cols), dtype, device) if needs_grad else None
+    n_partials = _num_tiles(n_rows, n_cols)
+    partials = _empty((n_partials,), torch.float32, device)
+    _launch_elementwise(args, tile_sums=partials, grad=grad, grad_scale=scale)
+    loss = _empty((), dtype, device)
+    _sum_tiles_kernel[(1,)](partials, loss, n_partials, scale, BLOCK=FLAT_BLOCK, num_warps=_num_warps(FLAT_BLOCK))
     return loss, ([grad] if needs_grad else [])
 
 
@@ -301,8 +295,7 @@ def _backward(grad_loss, saved, args):
     # "none": dℓ/dx · g for the (N, C) g; "sum"/"mean": dℓ/dx · g (/ (N·C) for "mean") for
     # the 0-d g, recomputed only when g != 1 (the forward wrote the gradient for g == 1)
     (grad,) = saved
-    with _on_device(grad):
-        _launch_elementwise(args, grad=grad, upstream=grad_loss, grad_scale=_mean_scale(args))
+    _launch_elementwise(args, grad=grad, upstream=grad_loss, grad_scale=_mean_scale(args))
 
 
 loss = define_loss_ops(
