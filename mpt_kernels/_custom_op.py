@@ -12,8 +12,8 @@ eager autograd works the same for all backends:
   constants: they get no gradient.
 
 The parameter list of each family is written once, below, and shared by every backend.
-A backend supplies the real implementations and a fake (meta) forward that produces the
-``saved`` list's shapes; the backward's fake is always ``empty_like(logits)``.
+A backend supplies the real implementations and the fake ``saved`` list; the fake loss
+(``loss_shape``) and the backward's fake are the same for every backend.
 
 A backend that computes the gradient in its forward (for an upstream gradient of 1) and
 saves it asks for ``backward_in_place=True``: its backward operator is then
@@ -53,6 +53,15 @@ FAMILY_PARAMETERS = {
 FAMILY_ARGS = {"softmax": SoftmaxLossArgs, "multilabel": MultiLabelLossArgs}
 
 
+def loss_shape(args) -> tuple:
+    """The loss's shape: () for "sum" and "mean"; for "none", (N,) in the softmax family
+    and (N, C) in the multi-label family."""
+    if args.reduction != "none":
+        return ()
+    logits = args.logits
+    return tuple(logits.shape[:1]) if isinstance(args, SoftmaxLossArgs) else tuple(logits.shape)
+
+
 def _inputs_device(logits: torch.Tensor):
     """Makes the logits' GPU the current device while a backend runs.
 
@@ -69,7 +78,7 @@ def define_loss_ops(
     family: str,
     *,
     forward: Callable,
-    forward_fake: Callable,
+    saved_fake: Callable,
     backward: Callable,
     dispatch_key: str = "CompositeExplicitAutograd",
     backward_in_place: bool = False,
@@ -81,7 +90,8 @@ def define_loss_ops(
 
     * ``forward(args, needs_grad) -> (loss, saved_list)``; ``needs_grad`` says whether
       autograd will ask for the logits' gradient (a forward may then compute it);
-    * ``forward_fake(args, needs_grad)`` mirrors ``forward`` on fake tensors;
+    * ``saved_fake(args, needs_grad)`` is the ``saved`` list ``forward`` returns, as fake
+      tensors (the fake loss is the same for every backend: see ``loss_shape``);
     * ``backward(grad_loss, saved_list, args) -> grad_logits``, or, with
       ``backward_in_place``, writes the gradient into ``saved_list[0]`` and returns None.
     """
@@ -100,7 +110,8 @@ def define_loss_ops(
             return forward(make_args(*op_args[:-1]), op_args[-1])
 
     def forward_fake_impl(*op_args):
-        return forward_fake(make_args(*op_args[:-1]), op_args[-1])
+        args = make_args(*op_args[:-1])
+        return args.logits.new_empty(loss_shape(args)), saved_fake(args, op_args[-1])
 
     def backward_impl(grad_loss, saved, *op_args):
         with _inputs_device(op_args[0]):

@@ -44,7 +44,6 @@ KINDS = ("kl", "lm")
 FOCUS_MODES = ("ref_correct", "neg_flip", "student_wrong", "all")
 SOFTMAX_REDUCTIONS = ("mean", "sum", "none")
 MULTILABEL_REDUCTIONS = ("sum", "mean", "none")
-MULTILABEL_LOSSES = ("hill", "splc")
 
 # Default distillation weight of each kind (spec §3: 1 for "kl", 0.4 for "lm").
 DEFAULT_SOURCE_WEIGHT = {"kl": 1.0, "lm": 0.4}

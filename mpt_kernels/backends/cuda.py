@@ -167,12 +167,6 @@ def _softmax_saved(args: SoftmaxLossArgs, needs_grad: bool) -> list:
     return [logits.new_empty(logits.shape), logits.new_empty(stats_shape, dtype=torch.float32)]
 
 
-def _softmax_forward_fake(args: SoftmaxLossArgs, needs_grad: bool):
-    logits = args.logits
-    loss = logits.new_empty(() if args.reduction != "none" else (logits.shape[0],))
-    return loss, _softmax_saved(args, needs_grad)
-
-
 def _softmax_backward(grad_loss: torch.Tensor, saved: list, args: SoftmaxLossArgs) -> None:
     """Rewrites the rows of saved[0] whose upstream gradient is not 1 (see the module)."""
     grad, stats = saved
@@ -232,23 +226,22 @@ def _multilabel_forward(args: MultiLabelLossArgs, needs_grad: bool):
     else:
         loss = torch.empty((), dtype=dtype, device=device)
         partials = torch.empty(_C.MULTILABEL_MAX_BLOCKS, dtype=torch.float32, device=device)
-    grad = torch.empty(args.logits.shape, dtype=dtype, device=device) if needs_grad else None
+    saved = _multilabel_saved(args, needs_grad)
     _C.multilabel_forward(
         inputs=inputs,
         reduction=_C.REDUCTIONS[args.reduction],
         partials=_address(partials),
         loss=_address(loss),
-        grad=_address(grad),
+        grad=_address(saved[0] if saved else None),
         **_launch(device),
     )
     del keep_alive
-    return loss, ([grad] if needs_grad else [])
+    return loss, saved
 
 
-def _multilabel_forward_fake(args: MultiLabelLossArgs, needs_grad: bool):
-    logits = args.logits
-    loss = logits.new_empty(() if args.reduction != "none" else logits.shape)
-    return loss, ([logits.new_empty(logits.shape)] if needs_grad else [])
+def _multilabel_saved(args: MultiLabelLossArgs, needs_grad: bool) -> list:
+    """[gradient (N, C) in the logits' dtype], or []."""
+    return [args.logits.new_empty(args.logits.shape)] if needs_grad else []
 
 
 def _multilabel_backward(grad_loss: torch.Tensor, saved: list, args: MultiLabelLossArgs) -> None:
@@ -329,11 +322,11 @@ def _auto_rank(family: str, logits: torch.Tensor) -> float:
 
 _FAMILIES = {
     "softmax": define_loss_ops(
-        "cuda", "softmax", forward=_softmax_forward, forward_fake=_softmax_forward_fake,
+        "cuda", "softmax", forward=_softmax_forward, saved_fake=_softmax_saved,
         backward=_softmax_backward, dispatch_key="CUDA", backward_in_place=True,
     ),
     "multilabel": define_loss_ops(
-        "cuda", "multilabel", forward=_multilabel_forward, forward_fake=_multilabel_forward_fake,
+        "cuda", "multilabel", forward=_multilabel_forward, saved_fake=_multilabel_saved,
         backward=_multilabel_backward, dispatch_key="CUDA", backward_in_place=True,
     ),
 }

@@ -19,20 +19,11 @@ from .. import reference
 _LOSS_OF_FAMILY = {"softmax": reference.softmax_family_loss, "multilabel": reference.multilabel_loss}
 
 
-def _loss_shape(family: str, args) -> tuple:
-    if args.reduction != "none":
-        return ()
-    return tuple(args.logits.shape[:1]) if family == "softmax" else tuple(args.logits.shape)
-
-
 def _define(family: str):
     loss_of = _LOSS_OF_FAMILY[family]
 
     def forward(args, needs_grad):
         return loss_of(args), []
-
-    def forward_fake(args, needs_grad):
-        return args.logits.new_empty(_loss_shape(family, args)), []
 
     def backward(grad_loss, saved, args):
         with torch.enable_grad():
@@ -41,7 +32,9 @@ def _define(family: str):
             (grad_logits,) = torch.autograd.grad(loss, logits, grad_loss)
         return grad_logits
 
-    return define_loss_ops("reference", family, forward=forward, forward_fake=forward_fake, backward=backward)
+    return define_loss_ops(
+        "reference", family, forward=forward, saved_fake=lambda args, needs_grad: [], backward=backward
+    )
 
 
 register_backend(

@@ -285,10 +285,9 @@ def _forward(args, needs_grad):
     return loss, ([grad] if needs_grad else [])
 
 
-def _forward_fake(args, needs_grad):
+def _saved_fake(args, needs_grad):
     logits = args.logits
-    loss = logits.new_empty(tuple(logits.shape) if args.reduction == "none" else ())
-    return loss, ([logits.new_empty(tuple(logits.shape))] if needs_grad else [])
+    return [logits.new_empty(tuple(logits.shape))] if needs_grad else []
 
 
 def _backward(grad_loss, saved, args):
@@ -302,7 +301,7 @@ loss = define_loss_ops(
     "triton",
     "multilabel",
     forward=_forward,
-    forward_fake=_forward_fake,
+    saved_fake=_saved_fake,
     backward=_backward,
     backward_in_place=True,
 )

@@ -573,16 +573,14 @@ def _forward(args: SoftmaxLossArgs, needs_grad: bool):
     return loss.to(logits.dtype), ([grad, stats, *copies] if needs_grad else [])
 
 
-def _forward_fake(args: SoftmaxLossArgs, needs_grad: bool):
+def _saved_fake(args: SoftmaxLossArgs, needs_grad: bool):
     logits = args.logits
-    shape = logits.shape[:1] if args.reduction == "none" else ()
-    loss = logits.new_empty(shape)
     if not needs_grad:
-        return loss, []
+        return []
     stats = logits.new_empty((logits.shape[0], NUM_STATS.value), dtype=torch.float32)
     copies = [torch.empty(x.shape, dtype=x.dtype, device=x.device)
               for x in _streams(args) if x is not None and _needs_class_copy(x)]
-    return loss, [torch.empty(logits.shape, dtype=logits.dtype, device=logits.device), stats, *copies]
+    return [torch.empty(logits.shape, dtype=logits.dtype, device=logits.device), stats, *copies]
 
 
 def _backward(grad_loss: torch.Tensor, saved: list, args: SoftmaxLossArgs) -> None:
@@ -609,6 +607,6 @@ def _backward(grad_loss: torch.Tensor, saved: list, args: SoftmaxLossArgs) -> No
 
 
 loss = define_loss_ops(
-    "triton", "softmax", forward=_forward, forward_fake=_forward_fake, backward=_backward,
+    "triton", "softmax", forward=_forward, saved_fake=_saved_fake, backward=_backward,
     backward_in_place=True,
 )
