@@ -7,7 +7,9 @@
 #   MPT_KERNELS_GIT_COMMIT=<sha> bash benchmarks/run_gpu.sh   # where the copy has no .git
 #
 # Settings (environment): TOTAL_BUDGET_S (default 480: the whole script), TEST_TIMEOUT_S
-# (default 180: the GPU tests), SKIP_TESTS=1 (the whole budget to the sweep), PYTHON
+# (default 180: the parallel tests), HUGE_TIMEOUT_S, MICRO_TIMEOUT_S, SANITIZE=0 (no
+# compute-sanitizer), SANITIZE_K (its pytest -k), SANITIZE_TIMEOUT_S, TEST_WORKERS,
+# SKIP_TESTS=1 (the whole budget to the sweep), SKIP_MICRO=1, SKIP_BENCH=1, PYTHON
 # (default python3), BENCH_ARGS (extra arguments for `mpt-kernels bench`, e.g.
 # "--loss mpt_kl hill_loss"). Wheels under .whl/ (Liger-Kernel, say) are installed first
 # when present.
@@ -53,16 +55,52 @@ TESTS_STATUS=0
 if [ "${SKIP_TESTS:-0}" = "1" ]; then
     section "GPU tests skipped (SKIP_TESTS=1)"
 else
-    section "GPU tests (pytest -m gpu, at most ${TEST_TIMEOUT_S} s)"
-    timeout --signal=INT --kill-after=30 "$TEST_TIMEOUT_S" "$PYTHON" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
-        --benchmark-json "$RESULTS/microbench-$STAMP.json" --benchmark-columns=min,median,max,rounds \
-        --benchmark-sort=name tests
+    # Every test runs on the GPU here (the softmax and multi-label suites, properties and
+    # determinism pick the CUDA device when there is one), spread over worker processes;
+    # the N*C > 2^31 tests need tens of GB each, so they run alone afterwards, and the
+    # pytest-benchmark microbenchmarks run alone too (no timing beside other work).
+    HUGE="beyond_int32 or int64_offsets"
+    section "tests on the GPU, in parallel (at most ${TEST_TIMEOUT_S} s)"
+    timeout --signal=INT --kill-after=30 "$TEST_TIMEOUT_S" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider \
+        -n "${TEST_WORKERS:-12}" --timeout 240 --benchmark-disable -k "not ($HUGE)" \
+        --ignore tests/test_microbenchmarks.py tests
     TESTS_STATUS=$?
     echo "pytest exit status: $TESTS_STATUS$([ $TESTS_STATUS -eq 124 ] && echo ' (timed out)')"
+
+    section "N*C > 2^31 tests, alone (at most ${HUGE_TIMEOUT_S:-150} s)"
+    timeout --signal=INT --kill-after=30 "${HUGE_TIMEOUT_S:-150}" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider \
+        -m gpu -k "$HUGE" tests
+    STATUS=$?; echo "pytest exit status: $STATUS"; [ $STATUS -ne 0 ] && TESTS_STATUS=$STATUS
+
+    if [ "${SKIP_MICRO:-0}" != "1" ]; then
+    section "microbenchmarks (pytest-benchmark)"
+    timeout --signal=INT --kill-after=30 "${MICRO_TIMEOUT_S:-90}" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider \
+        --benchmark-json "$RESULTS/microbench-$STAMP.json" --benchmark-columns=min,median,max,rounds \
+        --benchmark-sort=name tests/test_microbenchmarks.py
+    STATUS=$?; echo "pytest exit status: $STATUS"; [ $STATUS -ne 0 ] && TESTS_STATUS=$STATUS
+    fi
+fi
+
+if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer > /dev/null; then
+    # memcheck over the bad-input and edge-case tests of both backends (small shapes:
+    # memcheck runs kernels far slower)
+    section "compute-sanitizer memcheck (at most ${SANITIZE_TIMEOUT_S:-150} s)"
+    timeout --signal=INT --kill-after=30 "${SANITIZE_TIMEOUT_S:-150}" compute-sanitizer --tool memcheck \
+        --error-exitcode 97 --print-limit 20 --target-processes all \
+        "$PYTHON" -m pytest -q -x -rfE -p no:cacheprovider -p no:xdist --benchmark-disable \
+        -k "${SANITIZE_K:-mpt_loss_shapes or non_contiguous or out_of_range or poisoned or masked or nan or extreme or multilabel_shapes or empty or bad or cpu_tensors}" \
+        tests/test_cuda_backend.py tests/test_triton_softmax.py tests/test_triton_multilabel.py tests/test_validation.py
+    STATUS=$?
+    echo "compute-sanitizer exit status: $STATUS$([ $STATUS -eq 97 ] && echo ' (memcheck found errors)')"
+    [ $STATUS -ne 0 ] && TESTS_STATUS=$STATUS
 fi
 
 # The sweep fits its repetitions to --budget-s and stops starting cells at 1.2 x that, so
 # 5/6 of what is left (less 30 s for the last cell, the report and the plots).
+BENCH_STATUS=0
+if [ "${SKIP_BENCH:-0}" = "1" ]; then
+    section "benchmark sweep skipped (SKIP_BENCH=1)"
+else
 BENCH_BUDGET_S=$(( (TOTAL_BUDGET_S - $(elapsed) - 30) * 5 / 6 ))
 if [ "$BENCH_BUDGET_S" -lt 60 ]; then BENCH_BUDGET_S=60; fi
 section "benchmark sweep (budget ${BENCH_BUDGET_S} s; the plan and its estimate follow)"
@@ -70,6 +108,7 @@ section "benchmark sweep (budget ${BENCH_BUDGET_S} s; the plan and its estimate 
 "$PYTHON" -m mpt_kernels bench --budget-s "$BENCH_BUDGET_S" --out "$RESULTS" ${BENCH_ARGS:-}
 BENCH_STATUS=$?
 echo "bench exit status: $BENCH_STATUS"
+fi
 
 section "done: tests $TESTS_STATUS, bench $BENCH_STATUS; files in $RESULTS"
 ls -la "$RESULTS"

@@ -206,6 +206,22 @@ def test_mpt_loss_shapes(dtype, n, c):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [1000, 32768, 131072])  # rows in registers, streamed in 4 and in 16 chunks
+def test_realistic_shapes(dtype, c):
+    n, k = 4096, c // 2 + 3
+    z, old, new, y = softmax_inputs(n, c, k, dtype, 60 + c % 7)
+    loss, _ = loss_and_grad(mk.mpt_loss, z, y, old, new, backend="reference", reduction="none")
+    check_against_reference(mk.mpt_loss, z, y, old, new, upstream=random_upstream(loss, 61), reduction="none",
+                            label_smoothing=0.1, focus="neg_flip")
+    check_against_reference(mk.mpt_loss, z, y, old, new, kind="lm", class_bias=torch.randn(c, device=DEVICE))
+    check_against_reference(mk.margin_cross_entropy, z, y, new_class_bias=4.0, num_old_classes=k)
+    check_against_reference(mk.focal_distillation, z, old, y, focus="student_wrong", reduction="sum")
+    x, t = multilabel_inputs(n, c, dtype, torch.bool, 62)
+    check_against_reference(mk.hill_loss, x, t, reduction="mean")
+    check_against_reference(mk.splc_loss, x, t, epoch=2, reduction="none", upstream=random_upstream(x, 63))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n, c", [(512, 100), (64, 4099), (16, 21843)])
 def test_reduction_none_with_random_upstream(dtype, n, c):
     z, old, new, y = softmax_inputs(n, c, c // 2, dtype, 3)
