@@ -7,7 +7,7 @@
 #   MPT_KERNELS_GIT_COMMIT=<sha> bash benchmarks/run_gpu.sh   # where the copy has no .git
 #
 # Settings (environment): TOTAL_BUDGET_S (default 480: the whole script), TEST_TIMEOUT_S
-# (default 180: the parallel tests), HUGE_TIMEOUT_S, MICRO_TIMEOUT_S, SANITIZE=0 (no
+# (default 180: the small-shape tests), GPU_TIMEOUT_S, GPU_WORKERS, HUGE_TIMEOUT_S, MICRO_TIMEOUT_S, SANITIZE=0 (no
 # compute-sanitizer), SANITIZE_K (its pytest -k), SANITIZE_TIMEOUT_S, TEST_WORKERS,
 # SKIP_TESTS=1 (the whole budget to the sweep), SKIP_MICRO=1, SKIP_BENCH=1, PYTHON
 # (default python3), BENCH_ARGS (extra arguments for `mpt-kernels bench`, e.g.
@@ -60,12 +60,19 @@ else
     # the N*C > 2^31 tests need tens of GB each, so they run alone afterwards, and the
     # pytest-benchmark microbenchmarks run alone too (no timing beside other work).
     HUGE="beyond_int32 or int64_offsets"
-    section "tests on the GPU, in parallel (at most ${TEST_TIMEOUT_S} s)"
+    section "small-shape tests on the GPU, in parallel (at most ${TEST_TIMEOUT_S} s)"
     timeout --signal=INT --kill-after=30 "$TEST_TIMEOUT_S" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider \
-        -n "${TEST_WORKERS:-12}" --timeout 240 --benchmark-disable -k "not ($HUGE)" \
-        --ignore tests/test_microbenchmarks.py tests
+        -n "${TEST_WORKERS:-12}" --timeout 240 --benchmark-disable -m "not gpu" tests
     TESTS_STATUS=$?
     echo "pytest exit status: $TESTS_STATUS$([ $TESTS_STATUS -eq 124 ] && echo ' (timed out)')"
+
+    # the gpu-marked tests hold up to ~20 GB each (N = 4096, C = 131072, float32, with
+    # the reference's intermediates): few workers
+    section "realistic-size GPU tests, ${GPU_WORKERS:-3} workers (at most ${GPU_TIMEOUT_S:-200} s)"
+    timeout --signal=INT --kill-after=30 "${GPU_TIMEOUT_S:-200}" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider \
+        -n "${GPU_WORKERS:-3}" --timeout 240 --benchmark-disable -m gpu -k "not ($HUGE)" \
+        --ignore tests/test_microbenchmarks.py tests
+    STATUS=$?; echo "pytest exit status: $STATUS"; [ $STATUS -ne 0 ] && TESTS_STATUS=$STATUS
 
     section "N*C > 2^31 tests, alone (at most ${HUGE_TIMEOUT_S:-150} s)"
     timeout --signal=INT --kill-after=30 "${HUGE_TIMEOUT_S:-150}" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider \
@@ -87,7 +94,7 @@ if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer > /dev/null; then
     section "compute-sanitizer memcheck (at most ${SANITIZE_TIMEOUT_S:-150} s)"
     timeout --signal=INT --kill-after=30 "${SANITIZE_TIMEOUT_S:-150}" compute-sanitizer --tool memcheck \
         --error-exitcode 97 --print-limit 20 --target-processes all \
-        "$PYTHON" -m pytest -q -x -rfE -p no:cacheprovider -p no:xdist --benchmark-disable \
+        "$PYTHON" -m pytest -q -rfE -p no:cacheprovider -p no:xdist --benchmark-disable \
         -k "${SANITIZE_K:-mpt_loss_shapes or non_contiguous or out_of_range or poisoned or masked or nan or extreme or multilabel_shapes or empty or bad or cpu_tensors}" \
         tests/test_cuda_backend.py tests/test_triton_softmax.py tests/test_triton_multilabel.py tests/test_validation.py
     STATUS=$?

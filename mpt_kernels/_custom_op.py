@@ -134,10 +134,16 @@ def define_loss_ops(
         saved = list(output[1])
         ctx.num_saved = len(saved)
         ctx.mark_non_differentiable(*saved)  # backward state, not a result to differentiate
+        # no zero-filled N x C gradient for the saved outputs (autograd would materialise
+        # one per saved tensor before calling the backward, which ignores it)
+        ctx.set_materialize_grads(False)
         ctx.backward_done = False
         ctx.save_for_backward(*saved, *(inputs[i] for i in tensor_slots))
 
     def backward_formula(ctx, grad_loss, _grad_saved):
+        num_inputs = len(ctx.other_inputs)
+        if grad_loss is None:  # grads are not materialised (setup_context): no gradient flowed
+            return (None,) * num_inputs
         if backward_in_place and ctx.backward_done:
             # the saved gradient was already overwritten in place by the first backward
             raise RuntimeError(
@@ -153,7 +159,7 @@ def define_loss_ops(
         grad_logits = backward_op(grad_loss, saved, *inputs)
         if backward_in_place:
             grad_logits = saved[0]
-        return (grad_logits,) + (None,) * (len(inputs) - 1)
+        return (grad_logits,) + (None,) * (num_inputs - 1)
 
     torch.library.register_autograd(
         f"{LIBRARY_NAME}::{forward_name}", backward_formula, setup_context=setup_context, lib=_LIBRARY

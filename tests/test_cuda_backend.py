@@ -46,12 +46,14 @@ def _backend_ready():
 
 
 # --------------------------------------------------------------------------- helpers
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                 floor: float = 1e-30) -> None:
+    """Relative to the largest finite magnitude compared, at least ``floor``."""
     assert actual.dtype == expected.dtype == dtype, what
     assert actual.shape == expected.shape, what
     rtol = TOLERANCE[dtype]
     finite = expected[torch.isfinite(expected)]
-    scale = max(1e-30, finite.abs().max().item()) if finite.numel() else 1.0
+    scale = max(floor, finite.abs().max().item()) if finite.numel() else 1.0
     torch.testing.assert_close(
         actual.float(), expected.float(), rtol=rtol, atol=rtol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}"
     )
@@ -71,7 +73,9 @@ def check_against_reference(function, logits, *args, upstream=None, **options):
     dtype = logits.dtype
     loss, grad = loss_and_grad(function, logits, *args, upstream=upstream, backend=BACKEND, **options)
     ref_loss, ref_grad = loss_and_grad(function, logits, *args, upstream=upstream, backend="reference", **options)
-    assert_close(loss, ref_loss, dtype, "loss")
+    # A loss is a sum of terms of the size of the logits (|z| ~ 3 here), computed to a few
+    # float32 roundings of those: a loss that is exactly 0 (C = 1, say) comes out as ~1e-9.
+    assert_close(loss, ref_loss, dtype, "loss", floor=1.0)
     assert_close(grad, ref_grad, dtype, "gradient")
     return loss, grad
 
@@ -330,8 +334,17 @@ def test_nan_propagates(dtype):
 
 def test_extreme_logits():
     z, old, new, y = softmax_inputs(64, 3000, 2000, torch.float32, 10, scale=1e4)
-    loss, grad = check_against_reference(mk.mpt_loss, z, y, old, new, new_class_bias=4.0, label_smoothing=0.1)
+    options = {"new_class_bias": 4.0, "label_smoothing": 0.1}
+    loss, grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND, **options)
+    ref_loss, ref_grad = loss_and_grad(mk.mpt_loss, z, y, old, new, backend="reference", **options)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # float32 keeps an exponent argument of size M = max|z| (~5e4 here) to eps·M only, so a
+    # probability exp(z - LSE) carries a relative error of ~eps·M (6e-3) in any
+    # implementation; the kernel and the reference round differently (exp(z - m) / sum
+    # against exp(z - LSE)). Allow 4·eps·M of the largest entry on top of the usual 2e-5.
+    slack = 4 * torch.finfo(torch.float32).eps * z.abs().max().item()
+    assert_close(loss, ref_loss, torch.float32, "loss", floor=1.0)
+    torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=(2e-5 + slack) * ref_grad.abs().max().item())
 
 
 def test_out_of_range_target_poisons_its_row_without_reading_out_of_bounds():

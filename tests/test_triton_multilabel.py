@@ -418,7 +418,7 @@ def test_hyper_parameters_are_runtime_arguments():
     constexprs = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
     assert constexprs == {
         "IS_SPLC", "WRITE_ELEMENT_LOSS", "WRITE_TILE_SUMS", "WRITE_GRAD", "UPSTREAM_SCALAR",
-        "UPSTREAM_PER_ELEMENT", "BLOCK_ROWS", "BLOCK_COLS",
+        "UPSTREAM_PER_ELEMENT", "FLAT", "BLOCK_ROWS", "BLOCK_COLS",
     }
     threshold = TM._flip_threshold
     before, after = (check_splc(

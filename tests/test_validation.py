@@ -7,6 +7,7 @@ out of range come from the CPU value check inside the backend's operator.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -485,6 +486,7 @@ def call_on(name, backend, **over):
     return ALL_CALLS[name](mpt_kernels, backend=backend, **over)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors reach Triton only in its interpreter")
 def test_cpu_backends_include_the_kernels():
     for family in ("softmax", "multilabel"):
         assert {"reference", "triton"} <= set(cpu_backends(family)), cpu_backends(family)

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from .._custom_op import define_loss_ops
+from . import triton_fastmath as fm
 
 # --------------------------------------------------------------------------- launch shapes
 # Kept as module-level knobs so that tests under the interpreter can shrink the blocks
@@ -74,19 +75,19 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------- shared math
 @triton.jit
 def _sigmoid_and_log_sigmoids(s):
-    """p = σ(s), 1 - p, log p and log(1 - p), from one exp, one log and one division.
+    """p = σ(s), 1 - p, log p and log(1 - p), from one exp, one log and one reciprocal.
 
     log σ(s) = min(s, 0) - log1p(exp(-|s|)): finite for any finite s (never log(σ(s)),
     which is -inf once σ(s) underflows); 1 - p is computed as σ(-s), not 1 - σ(s).
     """
-    e = tl.exp(-tl.abs(s))  # in (0, 1]
+    e = fm.exp(-tl.abs(s))  # in [0, 1]
     one_plus_e = 1.0 + e
-    sigmoid_of_abs = 1.0 / one_plus_e  # σ(|s|)
+    sigmoid_of_abs = fm.reciprocal(one_plus_e)  # σ(|s|)
     sigmoid_of_minus_abs = e * sigmoid_of_abs  # σ(-|s|)
     # log1p(e) without a log1p (tl.math has none; libdevice's does not run in the
     # interpreter): log(1 + e) = log(v) + log(1 + r/v), v = fl(1 + e), r = e - (v - 1)
     # the rounding error of v (exact, |r/v| < 2^-24), so log(1 + r/v) = r/v to float32.
-    softplus_of_minus_abs = tl.log(one_plus_e) + (e - (one_plus_e - 1.0)) * sigmoid_of_abs
+    softplus_of_minus_abs = fm.log(one_plus_e) + (e - (one_plus_e - 1.0)) * sigmoid_of_abs
     nonnegative = s >= 0.0
     p = tl.where(nonnegative, sigmoid_of_abs, sigmoid_of_minus_abs)
     one_minus_p = tl.where(nonnegative, sigmoid_of_minus_abs, sigmoid_of_abs)
@@ -103,7 +104,7 @@ def _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma):
     smooth also where 1 - p underflows. Mirrored (s -> -s swaps p and 1 - p, and negates
     the derivative) it is SPLC's negative branch.
     """
-    focal = tl.exp(gamma * log_one_minus_p)
+    focal = fm.exp(gamma * log_one_minus_p)
     loss = -focal * log_p
     grad = focal * (gamma * p * log_p - one_minus_p)
     return loss, grad
@@ -117,51 +118,12 @@ def _hill_negative(p, one_minus_p, lamb):
     return loss, grad
 
 
-# --------------------------------------------------------------------------- kernels
 @triton.jit
-def _multilabel_kernel(
-    logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
-    n_rows, n_cols,
-    stride_logits_row, stride_logits_col,
-    stride_targets_row, stride_targets_col,
-    stride_upstream_row, stride_upstream_col,
-    lamb, margin, gamma, flip_threshold, grad_scale,
-    IS_SPLC: tl.constexpr,
-    WRITE_ELEMENT_LOSS: tl.constexpr,  # reduction "none": the (N, C) loss
-    WRITE_TILE_SUMS: tl.constexpr,  # "sum"/"mean": one partial sum per program
-    WRITE_GRAD: tl.constexpr,
-    UPSTREAM_SCALAR: tl.constexpr,  # backward of "sum"/"mean": the gradient times a scalar g
-    UPSTREAM_PER_ELEMENT: tl.constexpr,  # backward of "none": times an (N, C) upstream gradient
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
-):
-    # ---- backward of "sum"/"mean": the forward wrote the exact gradient for g == 1
-    if UPSTREAM_SCALAR:
-        g = tl.load(upstream_ptr).to(tl.float32)
-        if g == 1.0:  # NaN != 1: a NaN upstream gradient is recomputed, and propagates
-            return
-        grad_scale = grad_scale * g
-
-    # ---- this program's tile
-    pid = tl.program_id(0)
-    col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
-    rows = (pid // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = (pid % col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    rows = rows.to(tl.int64)[:, None]  # int64 offsets: N·C may exceed 2^31
-    cols = cols.to(tl.int64)[None, :]
-    out_offsets = rows * n_cols + cols  # the loss and gradient buffers are contiguous
-
-    # ---- load: logits in float32, targets in their own dtype (positive iff > 0.5)
-    x = tl.load(logits_ptr + rows * stride_logits_row + cols * stride_logits_col, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    t = tl.load(targets_ptr + rows * stride_targets_row + cols * stride_targets_col, mask=mask, other=0)
-    positive = t > 0.5
-
-    # ---- the margin follows the original label; σ and log-σ of the shifted logit
+def _element_loss_and_grad(x, positive, lamb, margin, gamma, flip_threshold, IS_SPLC: tl.constexpr):
+    """Each element's loss and dℓ/dx (float32), Hill or SPLC."""
+    # the margin follows the original label; σ and log-σ of the shifted logit
     shifted = tl.where(positive, x - margin, x)
     p, one_minus_p, log_p, log_one_minus_p = _sigmoid_and_log_sigmoids(shifted)
-
     if IS_SPLC:
         # SPLC (§5): from change_epoch on, a negative with σ(x) > τ counts as positive
         # (flip_threshold > 1 before then: never). A hard decision: no gradient through it.
@@ -181,21 +143,114 @@ def _multilabel_kernel(
         negative_loss, negative_grad = _hill_negative(p, one_minus_p, lamb)
         loss = tl.where(positive, positive_loss, negative_loss)
         grad = tl.where(positive, positive_grad, negative_grad)
+    return loss, grad
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _elements(
+    logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
+    logits_offsets, targets_offsets, upstream_offsets, out_offsets, mask, tile_index,
+    lamb, margin, gamma, flip_threshold, grad_scale,
+    IS_SPLC: tl.constexpr, MASKED: tl.constexpr,
+    WRITE_ELEMENT_LOSS: tl.constexpr, WRITE_TILE_SUMS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    UPSTREAM_PER_ELEMENT: tl.constexpr,
+):
+    """Loads one tile, computes its losses and gradient, stores what is asked for."""
+    # ---- load: logits in float32, targets in their own dtype (positive iff > 0.5)
+    if MASKED:
+        x = tl.load(logits_ptr + logits_offsets, mask=mask, other=0.0)
+        t = tl.load(targets_ptr + targets_offsets, mask=mask, other=0)
+    else:
+        x = tl.load(logits_ptr + logits_offsets)
+        t = tl.load(targets_ptr + targets_offsets)
+    loss, grad = _element_loss_and_grad(x.to(tl.float32), t > 0.5, lamb, margin, gamma, flip_threshold, IS_SPLC)
 
     # ---- store
     if WRITE_ELEMENT_LOSS:
-        tl.store(loss_ptr + out_offsets, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+        tl.store(loss_ptr + out_offsets, loss.to(loss_ptr.dtype.element_ty), mask=mask if MASKED else None)
     if WRITE_TILE_SUMS:
-        tl.store(loss_ptr + pid, tl.sum(tl.where(mask, loss, 0.0)))
+        if MASKED:
+            loss = tl.where(mask, loss, 0.0)
+        tl.store(loss_ptr + tile_index, tl.sum(loss))
     if WRITE_GRAD:
         grad = grad * grad_scale
         if UPSTREAM_PER_ELEMENT:
-            upstream = tl.load(
-                upstream_ptr + rows * stride_upstream_row + cols * stride_upstream_col,
-                mask=mask, other=0.0,
-            )
+            if MASKED:
+                upstream = tl.load(upstream_ptr + upstream_offsets, mask=mask, other=0.0)
+            else:
+                upstream = tl.load(upstream_ptr + upstream_offsets)
             grad = grad * upstream.to(tl.float32)
-        tl.store(grad_ptr + out_offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + out_offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask if MASKED else None)
+
+
+@triton.jit
+def _multilabel_kernel(
+    logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
+    n_rows, n_cols, numel,
+    stride_logits_row, stride_logits_col,
+    stride_targets_row, stride_targets_col,
+    stride_upstream_row, stride_upstream_col,
+    lamb, margin, gamma, flip_threshold, grad_scale,
+    IS_SPLC: tl.constexpr,
+    WRITE_ELEMENT_LOSS: tl.constexpr,  # reduction "none": the (N, C) loss
+    WRITE_TILE_SUMS: tl.constexpr,  # "sum"/"mean": one partial sum per program
+    WRITE_GRAD: tl.constexpr,
+    UPSTREAM_SCALAR: tl.constexpr,  # backward of "sum"/"mean": the gradient times a scalar g
+    UPSTREAM_PER_ELEMENT: tl.constexpr,  # backward of "none": times an (N, C) upstream gradient
+    FLAT: tl.constexpr,  # every tensor read is contiguous: one vector of N·C elements
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    # ---- backward of "sum"/"mean": the forward wrote the exact gradient for g == 1
+    if UPSTREAM_SCALAR:
+        g = tl.load(upstream_ptr).to(tl.float32)
+        if g == 1.0:  # NaN != 1: a NaN upstream gradient is recomputed, and propagates
+            return
+        grad_scale = grad_scale * g
+
+    pid = tl.program_id(0)
+    if FLAT:
+        # Tile pid is elements [start, start + BLOCK) of the flattened tensors: the int64
+        # start moves the base pointers once, the lanes add int32 offsets (contiguous, so
+        # loads and stores are 16 bytes wide). Full tiles need no mask.
+        BLOCK: tl.constexpr = BLOCK_ROWS * BLOCK_COLS
+        start = pid.to(tl.int64) * BLOCK
+        offsets = tl.arange(0, BLOCK)
+        logits_ptr += start
+        targets_ptr += start
+        grad_ptr += start
+        if UPSTREAM_PER_ELEMENT:
+            upstream_ptr += start
+        if WRITE_ELEMENT_LOSS:
+            loss_ptr += start
+        if start + BLOCK <= numel:
+            _elements(logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
+                      offsets, offsets, offsets, offsets, None, pid,
+                      lamb, margin, gamma, flip_threshold, grad_scale,
+                      IS_SPLC, False, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
+        else:
+            _elements(logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
+                      offsets, offsets, offsets, offsets, offsets < numel - start, pid,
+                      lamb, margin, gamma, flip_threshold, grad_scale,
+                      IS_SPLC, True, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
+    else:
+        # Strided inputs: a [BLOCK_ROWS, BLOCK_COLS] tile, both strides of each tensor
+        # honoured, int64 offsets (N·C may exceed 2^31).
+        col_blocks = tl.cdiv(n_cols, BLOCK_COLS)
+        rows = (pid // col_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = (pid % col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        rows = rows.to(tl.int64)[:, None]
+        cols = cols.to(tl.int64)[None, :]
+        _elements(logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
+                  rows * stride_logits_row + cols * stride_logits_col,
+                  rows * stride_targets_row + cols * stride_targets_col,
+                  rows * stride_upstream_row + cols * stride_upstream_col,
+                  rows * n_cols + cols,  # the loss and gradient buffers are contiguous
+                  mask, pid,
+                  lamb, margin, gamma, flip_threshold, grad_scale,
+                  IS_SPLC, True, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
 
 
 @triton.jit
@@ -220,6 +275,21 @@ def _targets_for_kernel(targets: torch.Tensor) -> torch.Tensor:
     return targets.view(torch.uint8) if targets.dtype == torch.bool else targets
 
 
+def _tiling(logits: torch.Tensor, targets: torch.Tensor, upstream=None) -> tuple[bool, int, int, int]:
+    """(flat, BLOCK_ROWS, BLOCK_COLS, number of tiles). Contiguous inputs (the usual case)
+    are one vector of N·C elements cut into tiles of tile_shape's size; others are walked
+    in 2-D tiles through their strides. Depends only on shapes and layouts, so the
+    per-tile partial sums (and the reduced loss) are the same on every run."""
+    n_rows, n_cols = logits.shape
+    block_rows, block_cols = tile_shape(n_rows, n_cols)
+    flat = logits.is_contiguous() and targets.is_contiguous() and (
+        upstream is None or upstream.dim() == 0 or upstream.is_contiguous())
+    if flat:
+        block_rows, block_cols = 1, block_rows * block_cols
+        return True, block_rows, block_cols, triton.cdiv(logits.numel(), block_cols)
+    return False, block_rows, block_cols, triton.cdiv(n_rows, block_rows) * triton.cdiv(n_cols, block_cols)
+
+
 def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, upstream=None, grad_scale=1.0):
     """One pass of ``_multilabel_kernel``: writes whichever of the (N, C) loss, the
     per-tile sums and the gradient it is given a buffer for. The gradient is dℓ/dx times
@@ -227,18 +297,17 @@ def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, u
     the device: the kernel writes nothing when g == 1)."""
     logits, targets = args.logits, _targets_for_kernel(args.targets)
     n_rows, n_cols = logits.shape
-    block_rows, block_cols = tile_shape(n_rows, n_cols)
-    grid = (triton.cdiv(n_rows, block_rows) * triton.cdiv(n_cols, block_cols),)
-    if grid[0] == 0:
+    flat, block_rows, block_cols, num_tiles = _tiling(logits, targets, upstream)
+    if num_tiles == 0:
         return
     loss_buffer = element_loss if element_loss is not None else tile_sums
     # A pointer that a mode never dereferences gets the logits as a placeholder.
-    _multilabel_kernel[grid](
+    _multilabel_kernel[(num_tiles,)](
         logits, targets,
         upstream if upstream is not None else logits,
         loss_buffer if loss_buffer is not None else logits,
         grad if grad is not None else logits,
-        n_rows, n_cols,
+        n_rows, n_cols, logits.numel(),
         *logits.stride(), *targets.stride(),
         *(upstream.stride() if upstream is not None and upstream.dim() == 2 else (0, 0)),
         args.lamb, args.margin, args.gamma, _flip_threshold(args), grad_scale,
@@ -248,15 +317,11 @@ def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, u
         WRITE_GRAD=grad is not None,
         UPSTREAM_SCALAR=upstream is not None and upstream.dim() == 0,
         UPSTREAM_PER_ELEMENT=upstream is not None and upstream.dim() == 2,
+        FLAT=flat,
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
         num_warps=_num_warps(block_rows * block_cols),
     )
-
-
-def _num_tiles(n_rows: int, n_cols: int) -> int:
-    block_rows, block_cols = tile_shape(n_rows, n_cols)
-    return triton.cdiv(n_rows, block_rows) * triton.cdiv(n_cols, block_cols)
 
 
 def _mean_scale(args) -> float:
@@ -277,7 +342,7 @@ def _forward(args, needs_grad):
 
     scale = _mean_scale(args)
     grad = _empty((n_rows, n_cols), dtype, device) if needs_grad else None
-    n_partials = _num_tiles(n_rows, n_cols)
+    n_partials = _tiling(logits, _targets_for_kernel(args.targets))[3]
     partials = _empty((n_partials,), torch.float32, device)
     _launch_elementwise(args, tile_sums=partials, grad=grad, grad_scale=scale)
     loss = _empty((), dtype, device)
