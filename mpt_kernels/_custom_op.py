@@ -165,8 +165,42 @@ def define_loss_ops(
         f"{LIBRARY_NAME}::{forward_name}", backward_formula, setup_context=setup_context, lib=_LIBRARY
     )
 
+    class EagerLoss(torch.autograd.Function):
+        """The same forward and backward, for eager mode, without the dispatcher: the
+        custom operator's boxed call and torch.library's autograd wrapper (argument
+        flattening, defaults) cost more host time per call than a large kernel runs."""
+
+        @staticmethod
+        def forward(ctx, logits, args):
+            with _inputs_device(logits):
+                loss, saved = forward(args, True)
+            ctx.args = args  # its tensors are saved below too, so in-place changes are caught
+            ctx.num_saved = len(saved)
+            ctx.backward_done = False
+            ctx.save_for_backward(*saved, *(value for value in args.op_args() if isinstance(value, torch.Tensor)))
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            if backward_in_place and ctx.backward_done:
+                raise RuntimeError(
+                    f"the {backend} backend's {family} loss supports one backward per forward; "
+                    "with retain_graph=True, compute the loss again for a second backward"
+                )
+            ctx.backward_done = True
+            saved = list(ctx.saved_tensors[: ctx.num_saved])
+            with _inputs_device(grad_loss):
+                grad_logits = backward(grad_loss, saved, ctx.args)
+            return (saved[0] if backward_in_place else grad_logits), None
+
     def loss(args) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and args.logits.requires_grad
-        return forward_op(*args.op_args(), needs_grad)[0]
+        if torch.compiler.is_compiling():
+            # torch.compile sees one opaque node per call (the operators above)
+            return forward_op(*args.op_args(), needs_grad)[0]
+        if needs_grad:
+            return EagerLoss.apply(args.logits, args)
+        with _inputs_device(args.logits):
+            return forward(args, False)[0]
 
     return loss
