@@ -9,7 +9,8 @@
 # Settings (environment): TOTAL_BUDGET_S (default 480: the whole script), TEST_TIMEOUT_S
 # (default 180: the small-shape tests), GPU_TIMEOUT_S, GPU_WORKERS, HUGE_TIMEOUT_S, MICRO_TIMEOUT_S, SANITIZE=0 (no
 # compute-sanitizer), SANITIZE_K (its pytest -k), SANITIZE_TIMEOUT_S, TEST_WORKERS,
-# SKIP_TESTS=1 (the whole budget to the sweep), SKIP_MICRO=1, SKIP_BENCH=1, PYTHON
+# SKIP_TESTS=1 (the whole budget to the sweep), SKIP_MICRO=1, SKIP_BENCH=1, PROFILE=1 (profile_kernels.py first;
+# PROFILE_ARGS, CPROFILE_TARGETS), PYTHON
 # (default python3), BENCH_ARGS (extra arguments for `mpt-kernels bench`, e.g.
 # "--loss mpt_kl hill_loss"). Wheels under .whl/ (Liger-Kernel, say) are installed first
 # when present.
@@ -50,6 +51,15 @@ section "install"
 MPT_KERNELS_CUDA=1 MPT_KERNELS_CUDA_ARCHS=${MPT_KERNELS_CUDA_ARCHS:-90} \
     "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e . || echo "!!! install failed"
 "$PYTHON" -m mpt_kernels info || echo "!!! mpt-kernels info failed"
+
+if [ "${PROFILE:-0}" = "1" ]; then
+    section "kernel profile (benchmarks/profile_kernels.py)"
+    "$PYTHON" benchmarks/profile_kernels.py ${PROFILE_ARGS:-} 2>&1 | grep -v Warning | tee "$RESULTS/profile-$STAMP.txt"
+    for target in ${CPROFILE_TARGETS:-triton:mpt_kl:8192}; do
+        section "host time by function: $target"
+        "$PYTHON" benchmarks/profile_kernels.py --cprofile "$target" 2>&1 | head -${CPROFILE_LINES:-45}
+    done
+fi
 
 TESTS_STATUS=0
 if [ "${SKIP_TESTS:-0}" = "1" ]; then

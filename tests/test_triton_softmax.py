@@ -493,6 +493,28 @@ def test_bf16_argmax_ties():
         check("mpt_loss", z, y, old, new, focus=focus, beta=10.0, reduction="none")
 
 
+def test_argmax_ties_across_old_new_split():
+    """The kernel sweeps the classes < K and >= K in two loops (K = 70 inside a block):
+    argmax ties that straddle K, or sit in the boundary block's new part, still go to the
+    lowest index; also with one block holding the whole row (block >= C)."""
+    z, y, old, new = make_inputs(91, dtype=torch.bfloat16, ignore_rows=())
+    top = 20.0
+    # new teacher: (60, 75) target 75 -> f = 0; (72, 100) target 72 -> f = 1;
+    # (71, 74) target 74 -> f = 0 (both in the boundary block's new part)
+    for row, cols, target in [(0, (60, 75), 75), (1, (72, 100), 72), (2, (71, 74), 74)]:
+        new[row, list(cols)] = top
+        y[row] = target
+    # student: (65, 80) target 80 -> wrong for the new source; (69, 70) target 69 -> right
+    for row, cols, target in [(3, (65, 80), 80), (4, (69, 70), 69), (5, (0, 149), 149)]:
+        z[row, list(cols)] = top
+        new[row, target] = top
+        y[row] = target
+    for block in (SMALL_BLOCK, 256):
+        TS.block_size_override = block
+        for focus in ("ref_correct", "neg_flip", "student_wrong"):
+            check("mpt_loss", z, y, old, new, focus=focus, beta=10.0, reduction="none")
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_masked_classes(label_smoothing):
     """-inf logits: probability 0 and a finite loss (CE without smoothing), even where a

@@ -23,7 +23,6 @@ the forward and again in the backward.
 
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import Optional
 
@@ -301,9 +300,9 @@ def driver_too_old(runtime_version: int, driver_version: int) -> Optional[str]:
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _driver_status() -> Optional[str]:
-    return driver_too_old(_C.cuda_runtime_version(), _C.cuda_driver_version())
+# Read once at import (neither call creates a CUDA context): _status runs on every loss
+# call, also inside torch.compile's tracing, which cannot trace a call into _C.
+_DRIVER_STATUS = None if _C is None else driver_too_old(_C.cuda_runtime_version(), _C.cuda_driver_version())
 
 
 def _status() -> Optional[str]:
@@ -311,7 +310,7 @@ def _status() -> Optional[str]:
         return EXTENSION_ERROR
     if not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
-    return _driver_status()
+    return _DRIVER_STATUS
 
 
 def _auto_rank(family: str, logits: torch.Tensor) -> float:
