@@ -173,53 +173,28 @@ __device__ __forceinline__ T shuffle_down(const T& value, int offset) {
   return out;
 }
 
-// Lane 0's value in every lane (a single-warp block's result, without shared memory).
-template <typename T>
-__device__ __forceinline__ T broadcast_lane0(const T& value) {
-  static_assert(sizeof(T) % sizeof(int) == 0, "shuffled structs are made of 4-byte words");
-  constexpr int kWords = sizeof(T) / sizeof(int);
-  int words[kWords];
-  memcpy(words, &value, sizeof(T));
+template <typename T, typename Merge>
+__device__ __forceinline__ T warp_merge(T value, Merge merge) {
 #pragma unroll
-  for (int k = 0; k < kWords; ++k) words[k] = __shfl_sync(0xffffffffu, words[k], 0);
-  T out;
-  memcpy(&out, words, sizeof(T));
-  return out;
-}
-
-struct ShuffleDown {
-  template <typename T>
-  __device__ T operator()(const T& value, int offset) const { return shuffle_down(value, offset); }
-};
-
-template <typename T, typename Merge, typename Shuffle = ShuffleDown>
-__device__ __forceinline__ T warp_merge(T value, Merge merge, Shuffle shuffle = {}) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) value = merge(value, shuffle(value, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) value = merge(value, shuffle_down(value, offset));
   return value;  // complete in lane 0
 }
 
 // Merges one value per thread over the block in a fixed tree (shuffles within each warp,
 // then the warps' results in warp 0), so the result does not depend on timing: no
-// atomics. blockDim.x must be a multiple of 32. Every thread gets the result. `shuffle`
-// may move only the parts of T that `merge` reads.
-template <typename T, typename Merge, typename Shuffle = ShuffleDown>
-__device__ T block_merge(T value, Merge merge, T empty, Shuffle shuffle = {}) {
+// atomics. blockDim.x must be a multiple of 32. Every thread gets the result.
+template <typename T, typename Merge>
+__device__ T block_merge(T value, Merge merge, T empty) {
   __shared__ T warp_results[32];
   __shared__ T block_result;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int num_warps = blockDim.x >> 5;
-  value = warp_merge(value, merge, shuffle);
-  if (num_warps == 1) return broadcast_lane0(value);
+  value = warp_merge(value, merge);
   if (lane == 0) warp_results[warp] = value;
   __syncthreads();
   if (warp == 0) {
-    value = lane < num_warps ? warp_results[lane] : empty;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      if (offset < num_warps) value = merge(value, shuffle(value, offset));
-    }
+    value = warp_merge(lane < num_warps ? warp_results[lane] : empty, merge);
     if (lane == 0) block_result = value;
   }
   __syncthreads();

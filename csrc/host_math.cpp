@@ -2,7 +2,6 @@
 // loss_math.cuh is plain C++ there.
 #include "host_math.h"
 
-#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <vector>
@@ -37,36 +36,17 @@ void sigmoid(const float* x, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = mpt::sigmoid(x[i]);
 }
 
-// A lane's values are added kHostChunk at a time, as a kernel's thread adds its chunk.
-constexpr int kHostChunk = 8;
-
 float logsumexp(const float* values, int64_t n, int lanes, int slot) {
   check_lanes(lanes, slot);
   std::vector<OnlineLse> states(lanes, lse_empty());
-  std::vector<std::vector<float>> lane_values(lanes);
-  for (int64_t j = 0; j < n; ++j) lane_values[lane_of(j, lanes, slot)].push_back(values[j]);
-  for (int t = 0; t < lanes; ++t) {
-    const std::vector<float>& v = lane_values[t];
-    for (size_t start = 0; start < v.size(); start += kHostChunk) {
-      const size_t end = std::min(v.size(), start + kHostChunk);
-      OnlineLse& s = states[t];
-      float max = s.max;
-      for (size_t i = start; i < end; ++i) max = fmaxf(max, v[i]);
-      float sum = s.sum * rescale_factor(s.max, max, kLog2e);
-      const float ref = reference_point(max) * kLog2e;
-      for (size_t i = start; i < end; ++i) sum += exp2_fast(fmaf(v[i], kLog2e, -ref));
-      s = {max, sum};
-    }
-  }
-  const OnlineLse total =
-      tree_merge(states, [](const OnlineLse& a, const OnlineLse& b) { return lse_merge(a, b, kLog2e); });
-  return lse_value(total, 1.0f);
+  for (int64_t j = 0; j < n; ++j) lse_add(states[lane_of(j, lanes, slot)], values[j]);
+  return lse_value(tree_merge(states, lse_merge));
 }
 
 int64_t argmax(const float* values, int64_t n, int lanes, int slot) {
   check_lanes(lanes, slot);
   std::vector<ArgMax> states(lanes, argmax_empty());
-  for (int64_t j = 0; j < n; ++j) argmax_add_next(states[lane_of(j, lanes, slot)], values[j], static_cast<int>(j));
+  for (int64_t j = 0; j < n; ++j) argmax_add(states[lane_of(j, lanes, slot)], values[j], static_cast<int>(j));
   return tree_merge(states, argmax_merge).index;
 }
 
@@ -121,41 +101,9 @@ struct HostRow {
 
   // the gradient sweep of the kernels
   void gradient(const SoftmaxRowStats& stats, int64_t y, float upstream, float* g) const {
-    const RowGradConstants constants = row_grad_constants(stats, p);
     for (int j = 0; j < p.num_classes; ++j) {
-      g[j] = row_gradient(constants, p, j, y, z[j], delta(j), old_at(j), new_at(j), upstream);
+      g[j] = row_gradient(stats, p, j, y, z[j], delta(j), old_at(j), new_at(j), upstream);
     }
-  }
-
-  // The row's state over lanes, each adding its columns kHostChunk at a time (chunks
-  // wholly below K take the kernels' unmasked path), merged in block_merge's tree.
-  SoftmaxRowState reduce(int64_t y, int lanes, int slot) const {
-    const int C = p.num_classes;
-    std::vector<std::vector<int>> lane_columns(lanes);
-    for (int j = 0; j < C; ++j) lane_columns[lane_of(j, lanes, slot)].push_back(j);
-    std::vector<SoftmaxRowState> states(lanes, row_empty());
-    for (int t = 0; t < lanes; ++t) {
-      const std::vector<int>& cols = lane_columns[t];
-      for (size_t start = 0; start < cols.size(); start += kHostChunk) {
-        ColumnChunk<kHostChunk> chunk{};
-        const size_t count = std::min(cols.size() - start, static_cast<size_t>(kHostChunk));
-        for (int i = 0; i < kHostChunk; ++i) {
-          const bool real = static_cast<size_t>(i) < count;
-          const int j = real ? cols[start + i] : C;  // padding: column C, garbage values
-          chunk.col[i] = j;
-          chunk.z[i] = real ? z[j] : NAN;
-          chunk.delta[i] = real ? delta(j) : NAN;
-          chunk.r_old[i] = real ? old_at(j) : NAN;
-          chunk.r_new[i] = real ? new_at(j) : NAN;
-        }
-        if (count == kHostChunk && chunk.col[kHostChunk - 1] < p.num_old_classes) {
-          row_add_chunk<kHostChunk, false>(states[t], p, y, chunk);
-        } else {
-          row_add_chunk<kHostChunk, true>(states[t], p, y, chunk);
-        }
-      }
-    }
-    return tree_merge(states, [this](const SoftmaxRowState& a, const SoftmaxRowState& b) { return row_merge(a, b, p); });
   }
 };
 
@@ -181,7 +129,11 @@ void softmax_rows(const SoftmaxRowParams& p, int64_t num_rows, const float* logi
       for (int j = 0; g != nullptr && j < C; ++j) g[j] = 0.0f;
       continue;
     }
-    const SoftmaxRowResult result = row_finish(row.reduce(y, lanes, slot), p, y, scale);
+    std::vector<SoftmaxRowState> states(lanes, row_empty());
+    for (int j = 0; j < C; ++j) {
+      row_add(states[lane_of(j, lanes, slot)], p, j, y, row.z[j], row.delta(j), row.old_at(j), row.new_at(j));
+    }
+    const SoftmaxRowResult result = row_finish(tree_merge(states, row_merge), p, y, scale);
     loss[i] = result.loss;
     if (g == nullptr) continue;
     store_row_stats(result.stats, stats + i * kSoftmaxStatFloats);

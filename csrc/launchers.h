@@ -89,9 +89,8 @@ struct MultilabelBackwardArgs {
 
 // Blocks of the multi-label kernels at most (the "sum"/"mean" partials buffer size).
 constexpr int kMultilabelMaxBlocks = 2048;
-// Softmax rows of 16-bit logits up to this many classes (half as many for float32) stay
-// in registers (read once); longer rows are read twice (statistics sweep, then gradient
-// sweep, the second mostly from L2).
+// Softmax rows up to this many classes stay in registers (read once); longer rows are
+// read twice (statistics sweep, then gradient sweep).
 constexpr int kCachedRowLimit = 8192;
 
 // The forward writes the loss and, when grad is given, the gradient for an upstream

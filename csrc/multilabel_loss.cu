@@ -1,8 +1,7 @@
 // The multi-label family (spec §4-5: Hill, SPLC): an elementwise forward kernel and an
 // elementwise backward kernel.
 //
-// Threads walk (row, 32-byte column slot: two 16-byte accesses) units in a grid-stride
-// loop, branch-free per element; each element's
+// Threads walk (row, 16-byte column slot) units in a grid-stride loop; each element's
 // loss and gradient come from multilabel_element (loss_math.cuh). Targets of every dtype
 // are read as stored (positive iff > 0.5). "none" writes the losses; "sum"/"mean" keep a
 // per-block partial, reduced afterwards in a fixed order (no float atomics). The forward
@@ -72,12 +71,14 @@ __global__ void __launch_bounds__(kElementwiseThreads) multilabel_loss_kernel(co
     load_elements<D, TD, VEC>(a, w.row, col0, x, positive);
     float loss[VEC], grad[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {  // branch-free: a column past C is computed and dropped
-      const LossAndGrad r = multilabel_element(x[e], positive[e], a.math);
-      const bool valid = col0 + e < C;
-      loss[e] = r.loss;
-      grad[e] = multilabel_gradient(r, a.grad_scale, 1.0f);
-      acc += valid ? r.loss : 0.0f;
+    for (int e = 0; e < VEC; ++e) {
+      loss[e] = grad[e] = 0.0f;
+      if (col0 + e < C) {
+        const LossAndGrad r = multilabel_element(x[e], positive[e], a.math);
+        loss[e] = r.loss;
+        grad[e] = multilabel_gradient(r, a.grad_scale, 1.0f);
+        acc += r.loss;
+      }
     }
     if (a.out != nullptr) store_slot<D, VEC>(static_cast<S*>(a.out) + w.row * C, col0, C, a.vec_out, loss);
     if (a.grad != nullptr) store_slot<D, VEC>(static_cast<S*>(a.grad) + w.row * C, col0, C, a.vec_grad, grad);
@@ -164,7 +165,7 @@ unsigned launch_elements(MultilabelKernelArgs a, const MultilabelInputs& in, cud
   dispatch_logits_dtype(in.dtype, [&](auto tag) {
     using D = decltype(tag);
     using S = typename D::storage;
-    constexpr int VEC = 32 / sizeof(S);  // two 16-byte accesses per unit
+    constexpr int VEC = 16 / sizeof(S);
     a.vec_logits = slots_aligned<S, VEC>(in.logits, in.logits_row_stride);
     a.vec_out = a.out != nullptr && slots_aligned<S, VEC>(reinterpret_cast<uintptr_t>(a.out), in.num_cols);
     a.vec_grad = a.grad != nullptr && slots_aligned<S, VEC>(reinterpret_cast<uintptr_t>(a.grad), in.num_cols);

@@ -64,45 +64,42 @@ __global__ void __launch_bounds__(1024) count_rows_kernel(const void* target, in
 }
 
 // ---------------------------------------------------------------------------- the row kernel
-// Merges the threads' row states; shuffles and merges only the parts the options use.
 struct RowMerge {
-  const SoftmaxRowParams& p;
   __device__ SoftmaxRowState operator()(const SoftmaxRowState& a, const SoftmaxRowState& b) const {
-    return row_merge(a, b, p);
+    return row_merge(a, b);
   }
 };
 
-__device__ __forceinline__ void shuffle_source(SourceState& s, int offset, const SoftmaxRowParams& p) {
-  if (p.kl) {
-    s.teacher = shuffle_down(s.teacher, offset);
-    s.student = shuffle_down(s.student, offset);
-  } else {
-    s.squares = shuffle_down(s.squares, offset);
-  }
-  if (focus_reads_teacher(p.focus)) s.teacher_arg = shuffle_down(s.teacher_arg, offset);
-  if (focus_reads_student(p.focus)) s.student_arg = shuffle_down(s.student_arg, offset);
+// First column of this thread's slot k of chunk `chunk`.
+template <int VEC, int NV>
+__device__ __forceinline__ int64_t slot_column(int chunk, int k) {
+  return (static_cast<int64_t>(chunk * NV + k) * blockDim.x + threadIdx.x) * VEC;
 }
 
-struct RowShuffle {
-  const SoftmaxRowParams& p;
-  __device__ SoftmaxRowState operator()(const SoftmaxRowState& value, int offset) const {
-    SoftmaxRowState s = value;
-    if (p.has_ce) {
-      s.ce = shuffle_down(s.ce, offset);
-      s.picked = shuffle_down(s.picked, offset);
-      s.biased_sum = shuffle_down(s.biased_sum, offset);
-    }
-    if (p.has_old) shuffle_source(s.old_src, offset, p);
-    if (p.has_new) shuffle_source(s.new_src, offset, p);
-    return s;
+// The bias Δ of columns [col0, col0 + VEC): the class_bias vector, or the new-class bias.
+template <int VEC>
+__device__ __forceinline__ void load_delta(const SoftmaxKernelArgs& a, int64_t col0, float (&delta)[VEC]) {
+  if (a.class_bias != nullptr) {
+    load_slot<Float32, VEC>(a.class_bias, col0, a.row.num_classes, a.vec_bias, delta);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) delta[e] = new_class_delta(a.row, static_cast<int>(col0) + e);
   }
-};
+}
 
-// First column of this thread's slot k of chunk `chunk` (slots of consecutive threads
-// are adjacent: coalesced).
-template <int VEC, int NV>
-__device__ __forceinline__ int slot_column(int chunk, int k) {
-  return ((chunk * NV + k) * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * VEC;
+template <typename D, int VEC, int NV>
+__device__ __forceinline__ void load_chunk(const SoftmaxKernelArgs& a, int chunk, const typename D::storage* z_row,
+                                           const typename D::storage* old_row, const typename D::storage* new_row,
+                                           float (&z)[NV][VEC], float (&r_old)[NV][VEC], float (&r_new)[NV][VEC]) {
+  const SoftmaxRowParams& p = a.row;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int64_t col0 = slot_column<VEC, NV>(chunk, k);
+    if (col0 >= p.num_classes) break;
+    load_slot<D, VEC>(z_row, col0, p.num_classes, a.vec_logits, z[k]);
+    if (p.has_old) load_slot<D, VEC>(old_row, col0, p.num_old_classes, a.vec_old, r_old[k]);
+    if (p.has_new) load_slot<D, VEC>(new_row, col0, p.num_classes, a.vec_new, r_new[k]);
+  }
 }
 
 // The input rows of row `row`.
@@ -119,151 +116,38 @@ struct RowInputs {
         neu(a.row.has_new ? static_cast<const S*>(a.new_logits) + row * a.new_row_stride : nullptr) {}
 };
 
-// A thread's chunk of the three inputs as stored, packed in 32-bit words (two 16-bit
-// logits per word), NV slots of VEC columns: what stays in registers between the
-// statistics and the gradient when the row is one chunk.
-template <typename D, int VEC>
-struct RawSlot {
-  using S = typename D::storage;
-  static constexpr int kWords = VEC * static_cast<int>(sizeof(S)) / 4;
-  static_assert(VEC * sizeof(S) == 16, "a slot is 16 bytes");
-  uint32_t w[kWords];
-
-  __device__ float operator[](int e) const {
-    if constexpr (sizeof(S) == 4) {
-      return __uint_as_float(w[e]);
-    } else {
-      const uint32_t word = w[e >> 1];
-      return D::to_float(static_cast<S>((e & 1) ? word >> 16 : word & 0xffffu));
-    }
-  }
-};
-
-template <typename D, int VEC, int NV>
-struct RawChunk {
-  RawSlot<D, VEC> z[NV];
-  RawSlot<D, VEC> old[NV];
-  RawSlot<D, VEC> neu[NV];
-};
-
-// Columns [col0, col0 + VEC) of a row as stored; columns >= cols read 0. One 16-byte
-// load where `aligned` and the slot is whole, else scalar loads.
-template <typename D, int VEC>
-__device__ __forceinline__ void load_raw_slot(const typename D::storage* row, int col0, int cols, bool aligned,
-                                              RawSlot<D, VEC>& out) {
-  using S = typename D::storage;
-  if (aligned && col0 + VEC <= cols) {
-    const uint4 pack = *reinterpret_cast<const uint4*>(row + col0);
-    out.w[0] = pack.x;
-    out.w[1] = pack.y;
-    out.w[2] = pack.z;
-    out.w[3] = pack.w;
-  } else {
-    S values[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) values[e] = col0 + e < cols ? row[col0 + e] : S{};
-    memcpy(out.w, values, sizeof(values));
-  }
-}
-
-template <typename D, int VEC, int NV>
-__device__ __forceinline__ void load_chunk(const SoftmaxKernelArgs& a, const RowInputs<D>& in, int chunk,
-                                           RawChunk<D, VEC, NV>& raw) {
-  const SoftmaxRowParams& p = a.row;
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int col0 = slot_column<VEC, NV>(chunk, k);
-    if (col0 < p.num_classes) {
-      load_raw_slot<D, VEC>(in.z, col0, p.num_classes, a.vec_logits, raw.z[k]);
-      if (p.has_old) load_raw_slot<D, VEC>(in.old, col0, p.num_old_classes, a.vec_old, raw.old[k]);
-      if (p.has_new) load_raw_slot<D, VEC>(in.neu, col0, p.num_classes, a.vec_new, raw.neu[k]);
-    }
-  }
-}
-
-// The bias Δ of columns [col0, col0 + VEC): the class_bias vector, or the new-class bias.
-template <int VEC>
-__device__ __forceinline__ void load_delta(const SoftmaxKernelArgs& a, int col0, float (&delta)[VEC]) {
-  if (a.class_bias != nullptr) {
-    load_slot<Float32, VEC>(a.class_bias, col0, a.row.num_classes, a.vec_bias, delta);
-  } else {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) delta[e] = new_class_delta(a.row, col0 + e);
-  }
-}
-
-// The chunk's columns as float32 (ColumnChunk, loss_math.cuh); columns >= C are padding.
-template <typename D, int VEC, int NV>
-__device__ __forceinline__ void unpack_chunk(const SoftmaxKernelArgs& a, const RawChunk<D, VEC, NV>& raw, int chunk,
-                                             ColumnChunk<NV * VEC>& c) {
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int col0 = slot_column<VEC, NV>(chunk, k);
-    float delta[VEC];
-    if (a.row.has_ce) {
-      load_delta<VEC>(a, col0, delta);
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) delta[e] = 0.0f;
-    }
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const int i = k * VEC + e;
-      c.col[i] = col0 + e;
-      c.z[i] = raw.z[k][e];
-      c.delta[i] = delta[e];
-      c.r_old[i] = raw.old[k][e];
-      c.r_new[i] = raw.neu[k][e];
-    }
-  }
-}
-
-// The gradient of a chunk, rounded once into the logits' dtype, shared by the forward
-// (upstream 1) and the backward (the row's upstream gradient).
-template <typename D, int VEC, int NV>
-__device__ __forceinline__ void store_gradient_chunk(const SoftmaxKernelArgs& a, const RawChunk<D, VEC, NV>& raw,
-                                                     int chunk, int64_t y, const RowGradConstants& constants,
-                                                     float upstream, typename D::storage* grad_row) {
-  const SoftmaxRowParams& p = a.row;
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int col0 = slot_column<VEC, NV>(chunk, k);
-    if (col0 >= p.num_classes) break;
-    float delta[VEC], g[VEC];
-    if (p.has_ce) {
-      load_delta<VEC>(a, col0, delta);
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) delta[e] = 0.0f;
-    }
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      g[e] = row_gradient(constants, p, col0 + e, y, raw.z[k][e], delta[e], raw.old[k][e], raw.neu[k][e], upstream);
-    }
-    store_slot<D, VEC>(grad_row, col0, p.num_classes, a.vec_grad, g);
-  }
-}
-
-// The gradient sweep: from the registers when the row is one chunk, else reading the
-// chunks again, last first: the last ones read are the likeliest still in L2.
+// The gradient sweep, shared by the forward (upstream 1, the row in registers when it is
+// one chunk) and the backward (the row's upstream gradient, reading the row): every
+// column's row_gradient, rounded once into the logits' dtype.
 template <typename D, int VEC, int NV>
 __device__ __forceinline__ void gradient_sweep(const SoftmaxKernelArgs& a, const RowInputs<D>& in, int64_t row,
                                                int64_t y, const SoftmaxRowStats& stats, float upstream,
-                                               bool row_in_registers, RawChunk<D, VEC, NV>& raw) {
-  const RowGradConstants constants = row_grad_constants(stats, a.row);
-  typename D::storage* grad_row = static_cast<typename D::storage*>(a.grad) + row * a.row.num_classes;
-  for (int chunk = a.chunks - 1; chunk >= 0; --chunk) {
-    if (!row_in_registers) load_chunk<D, VEC, NV>(a, in, chunk, raw);
-    store_gradient_chunk<D, VEC, NV>(a, raw, chunk, y, constants, upstream, grad_row);
+                                               bool row_in_registers, float (&z)[NV][VEC], float (&r_old)[NV][VEC],
+                                               float (&r_new)[NV][VEC]) {
+  using S = typename D::storage;
+  const SoftmaxRowParams& p = a.row;
+  const int C = p.num_classes;
+  S* grad_row = static_cast<S*>(a.grad) + row * C;
+  for (int chunk = 0; chunk < a.chunks; ++chunk) {
+    if (!row_in_registers) load_chunk<D, VEC, NV>(a, chunk, in.z, in.old, in.neu, z, r_old, r_new);
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t col0 = slot_column<VEC, NV>(chunk, k);
+      if (col0 >= C) break;
+      float delta[VEC], g[VEC];
+      load_delta<VEC>(a, col0, delta);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int j = static_cast<int>(col0) + e;
+        g[e] = j < C ? row_gradient(stats, p, j, y, z[k][e], delta[e], r_old[k][e], r_new[k][e], upstream) : 0.0f;
+      }
+      store_slot<D, VEC>(grad_row, col0, C, a.vec_grad, g);
+    }
   }
 }
 
-// One block per row. DRAM traffic: a row of at most one chunk (C <= kCachedRowLimit
-// for 16-bit logits) reads each input once and writes the gradient once; a longer row
-// reads its inputs twice, the second time (last chunk first) mostly from L2, since at
-// most kRowsPerSm rows are in flight per multiprocessor.
-template <typename D, int VEC, int NV, int THREADS, int MIN_BLOCKS>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) softmax_loss_kernel(const SoftmaxKernelArgs a) {
+template <typename D, int VEC, int NV>
+__global__ void __launch_bounds__(512) softmax_loss_kernel(const SoftmaxKernelArgs a) {
   const SoftmaxRowParams& p = a.row;
   const int C = p.num_classes;
   const int64_t row = blockIdx.x;
@@ -276,7 +160,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) softmax_loss_kernel(const
     if (a.grad != nullptr) {
       typename D::storage* grad_row = static_cast<typename D::storage*>(a.grad) + row * C;
       const float zeros[VEC] = {};
-      for (int col0 = static_cast<int>(threadIdx.x) * VEC; col0 < C; col0 += static_cast<int>(blockDim.x) * VEC) {
+      for (int64_t col0 = static_cast<int64_t>(threadIdx.x) * VEC; col0 < C; col0 += static_cast<int64_t>(blockDim.x) * VEC) {
         store_slot<D, VEC>(grad_row, col0, C, a.vec_grad, zeros);
       }
     }
@@ -284,23 +168,26 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) softmax_loss_kernel(const
   }
 
   const RowInputs<D> in(a, row);
-  RawChunk<D, VEC, NV> raw = {};
-  // a chunk whose columns are all valid for every term skips the per-column masks
-  const int valid_limit = p.has_old ? p.num_old_classes : C;
+  float z[NV][VEC] = {}, r_old[NV][VEC] = {}, r_new[NV][VEC] = {};
 
-  // Sweep 1: the row's statistics, a chunk at a time.
+  // Sweep 1: the row's statistics.
   SoftmaxRowState state = row_empty();
   for (int chunk = 0; chunk < a.chunks; ++chunk) {
-    load_chunk<D, VEC, NV>(a, in, chunk, raw);
-    ColumnChunk<NV * VEC> columns;
-    unpack_chunk<D, VEC, NV>(a, raw, chunk, columns);
-    if (slot_column<VEC, NV>(chunk, NV - 1) + VEC <= valid_limit) {
-      row_add_chunk<NV * VEC, false>(state, p, y, columns);
-    } else {
-      row_add_chunk<NV * VEC, true>(state, p, y, columns);
+    load_chunk<D, VEC, NV>(a, chunk, in.z, in.old, in.neu, z, r_old, r_new);
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t col0 = slot_column<VEC, NV>(chunk, k);
+      if (col0 >= C) break;
+      float delta[VEC];
+      load_delta<VEC>(a, col0, delta);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int j = static_cast<int>(col0) + e;
+        if (j < C) row_add(state, p, j, y, z[k][e], delta[e], r_old[k][e], r_new[k][e]);
+      }
     }
   }
-  state = block_merge(state, RowMerge{p}, row_empty(), RowShuffle{p});
+  state = block_merge(state, RowMerge{}, row_empty());
   const bool with_grad = a.grad != nullptr;
   const float scale = with_grad && a.counted_rows != nullptr ? 1.0f / static_cast<float>(*a.counted_rows) : 1.0f;
   const SoftmaxRowResult result = row_finish(state, p, y, scale);
@@ -310,14 +197,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) softmax_loss_kernel(const
   }
   if (!with_grad) return;
 
-  // Sweep 2: the gradient for an upstream gradient of 1.
-  gradient_sweep<D, VEC, NV>(a, in, row, y, result.stats, 1.0f, a.chunks == 1, raw);
+  // Sweep 2: the gradient for an upstream gradient of 1, from the registers (one chunk)
+  // or reading the row again.
+  gradient_sweep<D, VEC, NV>(a, in, row, y, result.stats, 1.0f, a.chunks == 1, z, r_old, r_new);
 }
 
 // Rewrites the gradient of the rows that recompute_row selects (counted, upstream != 1)
 // from the inputs and the forward's stats; every other row keeps what the forward wrote.
-template <typename D, int VEC, int NV, int THREADS, int MIN_BLOCKS>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) softmax_backward_kernel(const SoftmaxKernelArgs a) {
+template <typename D, int VEC, int NV>
+__global__ void __launch_bounds__(512) softmax_backward_kernel(const SoftmaxKernelArgs a) {
   using S = typename D::storage;
   const int64_t row = blockIdx.x;
   const float upstream = D::to_float(static_cast<const S*>(a.upstream)[row * a.upstream_stride]);
@@ -325,8 +213,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) softmax_backward_kernel(c
   if (!recompute_row(classify_target(y, a.has_ignore_index, a.ignore_index, a.row.num_classes), upstream)) return;
 
   const SoftmaxRowStats stats = load_row_stats(a.stats + row * kSoftmaxStatFloats);
-  RawChunk<D, VEC, NV> raw = {};
-  gradient_sweep<D, VEC, NV>(a, RowInputs<D>(a, row), row, y, stats, upstream, false, raw);
+  float z[NV][VEC] = {}, r_old[NV][VEC] = {}, r_new[NV][VEC] = {};
+  gradient_sweep<D, VEC, NV>(a, RowInputs<D>(a, row), row, y, stats, upstream, false, z, r_old, r_new);
 }
 
 int next_power_of_two(int64_t n) {
@@ -340,37 +228,30 @@ int clamp_threads(int64_t wanted, int low, int high) {
   return p < low ? low : (p > high ? high : p);
 }
 
-template <typename D, bool kBackward, int VEC, int NV, int THREADS, int MIN_BLOCKS>
-void launch_shape(const SoftmaxKernelArgs& a, int threads, unsigned rows, cudaStream_t stream) {
-  auto kernel = kBackward ? softmax_backward_kernel<D, VEC, NV, THREADS, MIN_BLOCKS>
-                          : softmax_loss_kernel<D, VEC, NV, THREADS, MIN_BLOCKS>;
-  kernel<<<rows, threads, 0, stream>>>(a);
-}
-
-// One block per row, in the launch shape of the row length (the backward kernel runs in
-// the forward's). A thread takes NV 16-byte slots per chunk:
-//   C <= 128 slots:          NV = 1, 32..128 threads, one chunk;
-//   C <= kCachedRowLimit:    NV = 2, 32..512 threads, one chunk (the row in registers);
-//   longer:                  NV = 2, 512 threads, chunks of 1024 slots read twice.
+// One block per row, in the launch shape of the row length; the backward kernel runs in
+// the forward's shape.
 template <typename D, bool kBackward>
 void launch_rows(SoftmaxKernelArgs a, const SoftmaxInputs& in, uintptr_t grad, cudaStream_t stream) {
   using S = typename D::storage;
-  constexpr int VEC = 16 / sizeof(S);  // elements per 16-byte slot
+  constexpr int VEC = 16 / sizeof(S);       // elements per 16-byte slot
+  constexpr int kSlotsBig = 16 / VEC;       // 16 elements per thread per chunk
   a.vec_logits = slots_aligned<S, VEC>(in.logits, in.logits_row_stride);
   a.vec_old = in.row.has_old && slots_aligned<S, VEC>(in.old_logits, in.old_row_stride);
   a.vec_new = in.row.has_new && slots_aligned<S, VEC>(in.new_logits, in.new_row_stride);
   a.vec_bias = in.class_bias != 0 && slots_aligned<float, VEC>(in.class_bias, 0);
   a.vec_grad = grad != 0 && slots_aligned<S, VEC>(grad, in.row.num_classes);
   const int64_t C = in.row.num_classes;
-  const int64_t slots = (C + VEC - 1) / VEC;
-  const unsigned rows = static_cast<unsigned>(in.num_rows);
-  if (slots <= 128) {
+  const dim3 grid(static_cast<unsigned>(in.num_rows));
+  if (C <= 256 * VEC) {  // one slot per thread, up to 256 threads
+    const int threads = clamp_threads((C + VEC - 1) / VEC, 32, 256);
     a.chunks = 1;
-    launch_shape<D, kBackward, VEC, 1, 128, 4>(a, clamp_threads(slots, 32, 128), rows, stream);
-  } else {
-    const int threads = clamp_threads((slots + 1) / 2, 32, 512);
-    a.chunks = static_cast<int>((slots + threads * 2 - 1) / (threads * 2));
-    launch_shape<D, kBackward, VEC, 2, 512, 1>(a, threads, rows, stream);
+    auto kernel = kBackward ? softmax_backward_kernel<D, VEC, 1> : softmax_loss_kernel<D, VEC, 1>;
+    kernel<<<grid, threads, 0, stream>>>(a);
+  } else {  // 16 elements per thread, up to 512 threads; rows past kCachedRowLimit: chunks
+    const int threads = C <= kCachedRowLimit ? clamp_threads((C + 15) / 16, 32, 512) : 512;
+    a.chunks = static_cast<int>((C + threads * 16 - 1) / (threads * 16));
+    auto kernel = kBackward ? softmax_backward_kernel<D, VEC, kSlotsBig> : softmax_loss_kernel<D, VEC, kSlotsBig>;
+    kernel<<<grid, threads, 0, stream>>>(a);
   }
   check_cuda(cudaGetLastError(), kBackward ? "launch of softmax_backward_kernel" : "launch of softmax_loss_kernel");
 }

@@ -31,6 +31,7 @@ import mpt_kernels  # noqa: E402
 from mpt_kernels import reference as R  # noqa: E402
 from mpt_kernels._validation import check_hill, check_splc  # noqa: E402
 from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
+from sm90_compile import run_sm90_compile  # noqa: E402
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -440,6 +441,44 @@ def test_torch_compile_fullgraph():
         compiled(leaf, t, epoch).backward()
         _, expected = loss_and_grad("reference", "splc", x, t, torch.tensor(1.0), epoch=epoch, reduction="mean")
         assert_matches(leaf.grad, expected, x.dtype)
+
+
+# --------------------------------------------------------------------------- compiled, not interpreted
+# The interpreter never runs the special functions' inline assembly (triton_fastmath):
+# the kernel is also lowered to sm_90 machine code, in each layout and mode, with no
+# spill, and each special function must be one MUFU instruction there.
+AOT_SCRIPT = r"""
+import re
+from mpt_kernels.backends import triton_multilabel as TM
+
+FLOATS = ["lamb", "margin", "gamma", "flip_threshold", "grad_scale"]
+MODES = [  # (flat, splc, element loss, tile sums, grad, scalar upstream, upstream per element)
+    (True, False, False, True, True, False, False),  # forward of "sum" with the gradient
+    (True, True, True, False, False, False, False),  # forward of "none"
+    (True, True, False, False, True, False, True),  # backward of "none"
+    (False, False, False, False, True, True, False),  # backward of "sum", strided
+]
+for flat, splc, element_loss, tile_sums, grad, scalar, per_element in MODES:
+    block_rows, block_cols = (1, 4096) if flat else TM.tile_shape(4096, 1000)
+    types = dict(logits_ptr="*bf16", targets_ptr="*u8", upstream_ptr="*bf16", loss_ptr="*fp32", grad_ptr="*bf16",
+                 numel="i64", **{name: "fp32" for name in FLOATS})
+    sass = compile_kernel(TM._multilabel_kernel, types, dict(
+        IS_SPLC=splc, WRITE_ELEMENT_LOSS=element_loss, WRITE_TILE_SUMS=tile_sums, WRITE_GRAD=grad,
+        UPSTREAM_SCALAR=scalar, UPSTREAM_PER_ELEMENT=per_element, FLAT=flat,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols), TM._num_warps(block_rows * block_cols))
+    # per element two exponentials (σ's and the focal factor's) and one logarithm, each a
+    # single MUFU (a precise log would be a run of FFMAs instead)
+    elements = block_rows * block_cols // (32 * TM._num_warps(block_rows * block_cols))
+    elements *= 2 if flat else 1  # the flat kernel holds a full-tile and a tail copy
+    counts = (len(re.findall(r"MUFU\.EX2", sass)), len(re.findall(r"MUFU\.LG2", sass)))
+    assert counts == (2 * elements, elements), counts
+compile_kernel(TM._sum_tiles_kernel, dict(partials_ptr="*fp32", out_ptr="*bf16", scale="fp32"), dict(BLOCK=4096), 8)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    run_sm90_compile(AOT_SCRIPT)
 
 
 # --------------------------------------------------------------------------- GPU, realistic sizes

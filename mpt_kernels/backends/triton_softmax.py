@@ -459,12 +459,16 @@ def _mpt_loss_kernel(
     coef_new = 0.0
     row_loss = 0.0
     if HAS_CE:
-        lse_ce, unused_total, unused_factor = _lse_total(m_ce, l_ce, _LOG2E)
+        lse_ce, total_ce, unused_factor = _lse_total(m_ce, l_ce, _LOG2E)  # base 2: the gradient's
+        # the loss's LSE in natural units from the row max itself (max + ln Σ exp(z̃ - max)),
+        # not lse_ce · ln 2: a row of one class then has LSE = z̃ exactly, and loss 0
+        row_max_ce = tl.max(m_ce, 0)
+        lse_ce_natural = tl.where(row_max_ce == _NEG_INF, 0.0, row_max_ce) + tl.math.log2(total_ce) * _LN2
         z_target = z_at_y + _class_bias(bias_ptr, bias_stride, y_safe, target_ok, num_old, new_class_bias, BIAS)
-        nll = lse_ce * _LN2 - z_target
+        nll = lse_ce_natural - z_target
         # (ε/C) Σ_j (LSE - z̃_j); skipped at ε = 0, where 0 · inf would be NaN on masked classes
         smoothing = tl.where(label_smoothing == 0.0, 0.0,
-                             label_smoothing * (lse_ce * _LN2 - tl.sum(sum_biased, 0) / num_classes))
+                             label_smoothing * (lse_ce_natural - tl.sum(sum_biased, 0) / num_classes))
         row_loss += ce_weight * ((1.0 - label_smoothing) * nll + smoothing)
         coef_ce = row_scale * ce_weight
     if HAS_OLD:

@@ -80,9 +80,10 @@ def _focal_inputs(n, c, dtype, device, generator) -> dict:
 
 
 def _multilabel_inputs(n, c, dtype, device, generator) -> dict:
-    # float targets in the logits' dtype, as a model's training loop usually holds them
+    # bool targets (1 byte per label), the layout the multi-label issue's bandwidth target
+    # names; float targets work as well and cost their own bytes
     positive = torch.rand((n, c), device=device, generator=generator) < POSITIVE_RATE
-    return {"logits": _randn((n, c), dtype, device, generator), "targets": positive.to(dtype)}
+    return {"logits": _randn((n, c), dtype, device, generator), "targets": positive}
 
 
 # --------------------------------------------------------------------------- calls
@@ -228,13 +229,13 @@ CASES = {
             _liger_focal, "Liger KL-divergence on eager log-softmaxes; focal weights eager",
         ),
         LossCase(
-            "hill_loss", "multilabel", "hill_loss, float targets in the logits' dtype",
+            "hill_loss", "multilabel", "hill_loss, bool targets",
             _multilabel_inputs, _hill_forward, _multilabel_bytes,
             "N·C·e (logits) + N·C·t (targets) + e (loss) [+ N·C·e (grad)]",
             None, _NO_MULTILABEL_KERNEL,
         ),
         LossCase(
-            "splc_loss", "multilabel", "splc_loss, epoch=1 (correction on), float targets",
+            "splc_loss", "multilabel", "splc_loss, epoch=1 (correction on), bool targets",
             _multilabel_inputs, _splc_forward, _multilabel_bytes,
             "N·C·e (logits) + N·C·t (targets) + e (loss) [+ N·C·e (grad)]",
             None, _NO_MULTILABEL_KERNEL,

@@ -1,0 +1,56 @@
+"""Lowering Triton kernels to sm_90 machine code without a GPU (shared by the Triton tests).
+
+The interpreter accepts code that the compiler rejects (a global that is not a
+constexpr, a loop-carried value that changes type, inline assembly it never runs, ...).
+``run_sm90_compile(body)`` runs ``body`` in a fresh process without TRITON_INTERPRET,
+after a prelude that defines ``compile_kernel(fn, types, constexprs, num_warps,
+**options)``: it lowers ``fn`` to a cubin for sm_90 with Triton's own ptxas, asserts that
+nothing spills to local memory, and returns the SASS text. The body must print
+"compiled" at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+PRELUDE = r'''
+import os, re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+def compile_kernel(fn, types, constexprs, num_warps, **options):
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, **options))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"]); f.flush()
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    regs, local = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage).groups()
+    print(fn.__name__, constexprs, "registers", regs, "local bytes", local)
+    assert local == "0", f"{fn.__name__} {constexprs} spills {local} bytes"
+    return sass
+'''
+
+
+def run_sm90_compile(body: str) -> str:
+    """Runs PRELUDE + body in a fresh interpreter-free process; returns its stdout."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "ptxas")) or not os.path.exists(os.path.join(bin_dir, "cuobjdump")):
+        pytest.skip("this Triton has no bundled ptxas/cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", PRELUDE + body], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stdout + done.stderr[-4000:]
+    return done.stdout
