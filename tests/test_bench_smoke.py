@@ -102,6 +102,32 @@ def test_report_is_remade_from_the_json_alone(smoke_run, tmp_path):
     assert (tmp_path / f"{json_path.stem}.md").read_text() == markdown
 
 
+def test_runs_split_over_calls_merge_into_one_report(smoke_run, tmp_path):
+    """A sweep run in two parts (say, one loss per GPU call) becomes one report."""
+    _, _, json_path, doc, _ = smoke_run
+    losses = sorted({cell["loss"] for cell in doc["cells"]})
+    parts = []
+    for index, chosen in enumerate((losses[:1], losses[1:])):
+        part = dict(doc, cells=[cell for cell in doc["cells"] if cell["loss"] in chosen])
+        part["copy_bandwidth"] = dict(doc["copy_bandwidth"], bytes_per_s=doc["copy_bandwidth"]["bytes_per_s"] * (index + 1))
+        parts.append(tmp_path / f"part{index}.json")
+        parts[-1].write_text(json.dumps(part))
+    out = tmp_path / "merged"
+    assert main(["bench", "--from-json", *map(str, parts), "--no-plots", "--out", str(out)]) == 0
+    (merged_json,) = out.glob("*-merged.json")
+    merged = json.loads(merged_json.read_text())
+    key = lambda cell: (cell["loss"], cell["provider"], cell["n"], cell["c"], cell["dtype"], cell["mode"])  # noqa: E731
+    assert sorted(map(key, merged["cells"])) == sorted(map(key, doc["cells"]))
+    assert len(merged["parts"]) == 2
+    (merged_md,) = out.glob("*-merged.md")
+    assert "merged from 2 runs" in merged_md.read_text()
+    # runs of other code do not merge
+    other = dict(json.loads(parts[1].read_text()), source_digest="f" * 64)
+    parts[1].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="source digest"):
+        main(["bench", "--from-json", *map(str, parts), "--no-plots", "--out", str(out)])
+
+
 def test_a_provider_that_raises_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     def build(name, case, **kwargs):
         if name == "triton":
@@ -142,3 +168,16 @@ def test_the_plan_trims_repetitions_to_fit_a_budget():
     before = planner.estimate(1)
     planner.record(0, 100.0, wall_s=1000.0, first_call_s=0.0)
     assert planner.estimate(1) > before
+
+
+def test_git_commit_from_the_environment_wins(monkeypatch):
+    """A GPU machine's copy of the tree may carry an older .git: the caller's commit wins."""
+    from mpt_kernels.bench import environment
+
+    monkeypatch.setenv("MPT_KERNELS_GIT_COMMIT", "0123abc")
+    monkeypatch.setenv("MPT_KERNELS_GIT_DIRTY", "0")
+    state = environment.git_state()
+    assert (state["commit"], state["dirty"], state["source"]) == ("0123abc", False, "MPT_KERNELS_GIT_COMMIT")
+    monkeypatch.delenv("MPT_KERNELS_GIT_COMMIT")
+    state = environment.git_state()
+    assert state["source"] in ("git", "unknown (no git repository here)") and state["commit"] != "0123abc"

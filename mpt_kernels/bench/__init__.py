@@ -57,8 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="directory for the JSON, markdown and PNG files (default benchmarks/results)")
     output.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    output.add_argument("--from-json", type=Path, metavar="FILE",
-                        help="run nothing: remake the markdown and plots of an earlier run's JSON file")
+    output.add_argument("--from-json", type=Path, metavar="FILE", nargs="+",
+                        help="run nothing: remake the markdown and plots of an earlier run's JSON file; "
+                             "several files (one sweep split over calls) are merged into one report, "
+                             "JSON included")
 
 
 def run(args) -> int:
@@ -67,10 +69,15 @@ def run(args) -> int:
     from . import report
 
     if args.from_json is not None:
-        doc = json.loads(args.from_json.read_text())
-        out = args.out if args.out != DEFAULT_OUT else args.from_json.parent
+        docs = [json.loads(path.read_text()) for path in args.from_json]
+        out = args.out if args.out != DEFAULT_OUT else args.from_json[0].parent
+        if len(docs) == 1:
+            doc, stem, data = docs[0], args.from_json[0].stem, False
+        else:
+            doc = report.merge(docs)
+            stem, data = report.file_stem(doc) + "-merged", True
         report.annotate(doc)
-        for path in report.write(doc, out, args.from_json.stem, data=False, plots=not args.no_plots):
+        for path in report.write(doc, out, stem, data=data, plots=not args.no_plots):
             print(f"wrote {path}")
         return 0
 

@@ -36,18 +36,20 @@ def _run(command: list, cwd: Path) -> Optional[str]:
 def git_state() -> dict:
     """The commit and whether the tree differs from it (results/ outputs not counted).
 
-    A copy of the tree without ``.git`` (the GPU machine gets one) reports the commit
-    from ``MPT_KERNELS_GIT_COMMIT`` when set; ``source_digest`` identifies the code either way.
+    ``MPT_KERNELS_GIT_COMMIT``, when set, wins: the GPU machine gets a copy of the working
+    tree whose ``.git`` (if any) may be older than the code it holds (seen on the first
+    H200 run: the copy's HEAD was the session's first commit). ``source_digest``
+    identifies the code either way.
     """
-    commit = _run(["git", "rev-parse", "HEAD"], REPOSITORY_DIR)
-    if commit is not None:
-        status = _run(["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"], REPOSITORY_DIR)
-        return {"commit": commit, "dirty": bool(status), "source": "git"}
+    head = _run(["git", "rev-parse", "HEAD"], REPOSITORY_DIR)
     commit = os.environ.get("MPT_KERNELS_GIT_COMMIT")
     if commit:
         dirty = os.environ.get("MPT_KERNELS_GIT_DIRTY")
         return {"commit": commit, "dirty": None if dirty is None else dirty not in ("", "0"),
-                "source": "MPT_KERNELS_GIT_COMMIT"}
+                "source": "MPT_KERNELS_GIT_COMMIT", "head_of_this_copy": head}
+    if head is not None:
+        status = _run(["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"], REPOSITORY_DIR)
+        return {"commit": head, "dirty": bool(status), "source": "git"}
     return {"commit": None, "dirty": None, "source": "unknown (no git repository here)"}
 
 

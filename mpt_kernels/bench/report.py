@@ -60,6 +60,35 @@ def annotate(doc: dict) -> None:
         cell["check"] = "ok" if worst <= TOLERANCE.get(cell["dtype"], 1e-2) else "mismatch"
 
 
+def merge(docs: list) -> dict:
+    """One document from the runs of one sweep split over several calls (a GPU lease
+    limits each call): the same device, code and settings of compile, every cell of
+    every part (a cell measured twice keeps the later part's). Each cell keeps the
+    fraction of its own run's copy bandwidth; the parts' bandwidths are listed."""
+    first = docs[0]
+    for doc in docs[1:]:
+        for what, get in (("device", lambda d: d["device"].get("name")), ("commit", lambda d: d["git"].get("commit")),
+                          ("source digest", lambda d: d["source_digest"]),
+                          ("torch.compile settings", lambda d: d["settings"]["compile"])):
+            if get(doc) != get(first):
+                raise ValueError(f"cannot merge runs of different {what}: {get(first)!r} and {get(doc)!r}")
+    merged = dict(first)
+    cells = {}
+    for doc in docs:
+        for cell in doc["cells"]:
+            cells[_key(cell)] = cell
+    merged["cells"] = list(cells.values())
+    merged["providers"] = {name: info for doc in docs for name, info in doc["providers"].items()}
+    merged["losses"] = {name: info for doc in docs for name, info in doc["losses"].items()}
+    merged["complete"] = all(doc.get("complete", True) for doc in docs)
+    merged["aborted"] = "; ".join(doc["aborted"] for doc in docs if doc.get("aborted")) or None
+    merged["elapsed_s"] = sum(doc.get("elapsed_s") or 0 for doc in docs)
+    merged["estimate_s"] = sum(doc.get("estimate_s") or 0 for doc in docs)
+    merged["parts"] = [{"date_utc": doc["date_utc"], "command": doc["command"],
+                        "copy_bandwidth": doc["copy_bandwidth"]} for doc in docs]
+    return merged
+
+
 def file_stem(doc: dict) -> str:
     date = datetime.datetime.fromisoformat(doc["date_utc"])
     if doc["gpu_figures"]:
@@ -189,7 +218,10 @@ def to_markdown(doc: dict) -> str:
         f"- versions: torch {versions['torch']}, triton {versions['triton']}, python {versions['python']}"
         + (f", liger-kernel {versions['liger_kernel']}" if versions.get("liger_kernel") else ""),
         f"- timing: {doc['timer']}",
-        f"- copy bandwidth (torch copy, read + write): {copy['bytes_per_s'] / 1e9:.0f} GB/s",
+        f"- copy bandwidth (torch copy, read + write): {copy['bytes_per_s'] / 1e9:.0f} GB/s"
+        + ("" if "parts" not in doc else
+           f"; merged from {len(doc['parts'])} runs, each cell against its own run's copy bandwidth ("
+           + ", ".join(f"{part['copy_bandwidth']['bytes_per_s'] / 1e9:.0f}" for part in doc["parts"]) + " GB/s)"),
         "- each cell: `time ms · min bytes / time as a fraction of the copy bandwidth · peak memory above the inputs`;"
         " ⚠ marks a loss or gradient norm off the eager reference by more than "
         + ", ".join(f"{v:g} ({k})" for k, v in TOLERANCE.items()) + " (relative)",
