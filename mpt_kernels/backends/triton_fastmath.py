@@ -28,23 +28,33 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit
+def _ptx(x, INSTRUCTION: tl.constexpr):
+    """One float32 PTX instruction ``INSTRUCTION $0, $1;`` on every element."""
+    return tl.inline_asm_elementwise(INSTRUCTION, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def exp2(x):
     """2^x."""
     if HARDWARE:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.math.exp2(x)
+        return _ptx(x, "ex2.approx.ftz.f32 $0, $1;")
+    return tl.math.exp2(x)
 
 
 @triton.jit
 def log2(x):
     """log2(x)."""
     if HARDWARE:
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.math.log2(x)
+        return _ptx(x, "lg2.approx.ftz.f32 $0, $1;")
+    return tl.math.log2(x)
+
+
+@triton.jit
+def reciprocal(x):
+    """1/x."""
+    if HARDWARE:
+        return _ptx(x, "rcp.approx.ftz.f32 $0, $1;")
+    return 1.0 / x
 
 
 @triton.jit
@@ -57,13 +67,3 @@ def exp(x):
 def log(x):
     """ln(x), as log2(x) ln 2."""
     return log2(x) * LN2
-
-
-@triton.jit
-def reciprocal(x):
-    """1/x."""
-    if HARDWARE:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return 1.0 / x
