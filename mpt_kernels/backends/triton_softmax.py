@@ -13,6 +13,13 @@ kernel serves all three. One program handles one row ``i``:
    ``KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c)`` (``kind="kl"``) or the sum of
    squares (``kind="lm"``), and for the focus mode's argmax tests the max over the
    classes before the target (see _is_argmax). Then the row's loss ``L_i`` and focal weights ``w = α + β f``.
+   Every running statistic is kept per thread (each thread owns 16 bytes of each input
+   per block) and the threads are combined once after the sweep: no cross-warp
+   reduction inside the loop (the first version did ~20 per block, and Nsight Compute on
+   an H200 found it latency-bound at 25 % occupancy and 18 % of DRAM bandwidth). The
+   sweep runs in two loops split at ``K``: classes below it read the old source, those
+   above add the new-class bias as one constant; exponentials are base 2 with log2(e)/τ
+   folded into the operands.
 2. Gradient sweep (only when autograd will want it, ``_gradient_sweep``):
    ``dL_i/dz_ij`` for an upstream gradient of 1 (``1/count`` folded in for ``"mean"``),
    computed in float32 and written once in the logits' dtype; the row's statistics that
@@ -24,7 +31,9 @@ are swept twice either way (no ``dL/dz_ij`` is known before the row's statistics
 complete); in the forward the second sweep follows the first in the same program and
 is served by L2 while the rows in flight fit there (about two rows per SM: 264 x
 ``s·C·bytes`` for ``s`` input streams on an H200, up to C ~ 32K in bf16 with three
-streams against 50 MB), so a plain ``loss.backward()`` costs nothing more. The backward
+streams against 50 MB), so a plain ``loss.backward()`` costs nothing more (measured on
+the H200, first version, N = 4096, C = 32768, bf16: the backward kernel for an upstream
+of 1 ran 4.6 µs against 1.5 ms for the forward that wrote the gradient). The backward
 kernel reads the upstream gradient on the device and returns at once where it is 1 (per
 row for ``"none"``) or the row is ignored; elsewhere it reruns ``_gradient_sweep`` from
 the inputs and the saved statistics with the upstream multiplied in in float32, and
