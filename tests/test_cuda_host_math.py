@@ -25,6 +25,7 @@ import torch
 from mpt_kernels import reference
 from mpt_kernels._custom_op import loss_shape
 from mpt_kernels._validation import check_hill, check_splc
+from rounding import assert_single_rounding, single_rounding_errors
 from mpt_kernels.backends import cuda as cuda_backend
 
 _C = cuda_backend._C
@@ -575,47 +576,6 @@ def test_backward_rewrites_the_rows_whose_upstream_is_not_one(reduction, kind, s
 
 
 # --------------------------------------------------------------------------- backward: rounded once
-def dtype_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype``'s numbers at |x| (the subnormal spacing below its normal
-    range), in float64."""
-    info = torch.finfo(dtype)
-    _, exponent = torch.frexp(x.double().abs().clamp_min(info.tiny))  # |x| = m 2^e, m in [0.5, 1)
-    return torch.ldexp(torch.full_like(x, info.eps, dtype=torch.float64), exponent - 1)
-
-
-# Both sides compute in float32, in different orders: where a gradient entry cancels to
-# far less than its row's terms (p_j - ε/C, q_j - p_j), their float32 errors, relative to
-# those terms, can exceed the entry's own ulp. That noise is allowed on top of the ulp:
-# 2^-22 of the row's largest entry. A rescaled float16 subnormal (the GradScaler failure)
-# is off by far more.
-FLOAT32_NOISE = 2.0**-22
-
-
-def single_rounding_errors(actual: torch.Tensor, expected_float32: torch.Tensor) -> torch.Tensor:
-    """|actual - expected rounded once to actual's dtype| in ulps of that dtype, beyond the
-    float32 noise allowance (0 where within it, or both NaN); rows are the last dimension."""
-    dtype = actual.dtype
-    expected = expected_float32.to(dtype).double()
-    error = (actual.double() - expected).abs()
-    row_max = torch.nan_to_num(expected_float32.double().abs(), nan=0.0, posinf=0.0).amax(dim=-1, keepdim=True)
-    excess = (error - FLOAT32_NOISE * row_max).clamp_min(0) / dtype_ulp(expected, dtype)
-    both_nan = actual.isnan() & expected.isnan()
-    return torch.where(both_nan, 0.0, torch.nan_to_num(excess, nan=math.inf))
-
-
-def assert_single_rounding(actual, expected_float32, what: str, *, exact_fraction: float = 0.0) -> None:
-    """``actual`` is ``expected_float32`` (the float32 reference) rounded once to its
-    dtype, or a neighbour of that; and bitwise that value in at least ``exact_fraction``
-    of the entries (a double rounding misses it in about a quarter of them)."""
-    errors = single_rounding_errors(actual, expected_float32)
-    bad = errors > 1
-    assert not bad.any(), (
-        f"{what}: {int(bad.sum())} of {bad.numel()} entries more than 1 ulp off, e.g. "
-        f"{actual[bad][:4].tolist()} for {expected_float32[bad][:4].tolist()}"
-    )
-    expected = expected_float32.to(actual.dtype)
-    exact = ((actual == expected) | (actual.isnan() & expected.isnan())).double().mean().item()
-    assert exact >= exact_fraction, f"{what}: only {exact:.4f} of the entries are the reference rounded once"
 
 
 def _float32_reference(make_args, z, old, new, y, upstream):

@@ -34,6 +34,7 @@ pytest.importorskip("triton")
 import mpt_kernels  # noqa: E402
 from mpt_kernels import reference as R  # noqa: E402
 from mpt_kernels.backends import triton_softmax as TS  # noqa: E402
+from rounding import assert_single_rounding  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
 
 # numpy (the interpreter) warns about lanes that are computed and then masked out
@@ -339,14 +340,6 @@ def test_non_contiguous_inputs(monkeypatch):
 SMALL = dict(n=4, c=100, k=45)
 
 
-def ulp(x: torch.Tensor, dtype) -> torch.Tensor:
-    """The spacing of ``dtype``'s numbers at |x| (the subnormal spacing below its normal
-    range), in float32."""
-    info = torch.finfo(dtype)
-    _, exponent = torch.frexp(x.float().abs().clamp_min(info.tiny))  # |x| = m 2^e, m in [0.5, 1)
-    return torch.ldexp(torch.full_like(x, info.eps, dtype=torch.float32), exponent - 1)
-
-
 def reference_gradient_float32(fn_name, logits, *rest, upstream, **kwargs):
     """Autograd of the reference on float32 copies of the inputs and of ``upstream``."""
     def to_float32(x):
@@ -355,18 +348,6 @@ def reference_gradient_float32(fn_name, logits, *rest, upstream, **kwargs):
     out = getattr(R, fn_name)(leaf, *map(to_float32, rest), **kwargs)
     (grad,) = torch.autograd.grad(out, leaf, upstream.float())
     return grad
-
-
-def assert_within_one_ulp(actual, expected_float32, what):
-    """``actual`` is ``expected_float32`` rounded once to its dtype, or a neighbour of that."""
-    expected = expected_float32.to(actual.dtype)
-    error = (actual.float() - expected.float()).abs()
-    # equal values pass also where both overflowed to the same infinity (inf - inf is NaN)
-    bad = ~(error <= ulp(expected, actual.dtype)) & (actual != expected) & ~(actual.isnan() & expected.isnan())
-    assert not bad.any(), (
-        f"{what}: {int(bad.sum())} of {bad.numel()} elements more than 1 ulp off, e.g. "
-        f"{actual[bad][:4].tolist()} for {expected_float32[bad][:4].tolist()}"
-    )
 
 
 def triton_gradient(fn_name, logits, *rest, upstream, **kwargs):
@@ -407,7 +388,7 @@ def test_fp16_grad_scaler_subnormal_gradient():
         # the premise: many entries of the gradient for an upstream of 1 are float16 subnormals
         unscaled = expected / 2.0**15
         assert ((unscaled != 0) & (unscaled.abs() < torch.finfo(torch.float16).tiny)).sum() > 40, fn_name
-        assert_within_one_ulp(grad, expected, fn_name)
+        assert_single_rounding(grad, expected, fn_name)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -417,7 +398,7 @@ def test_scaled_backward_rounds_once(dtype, reduction):
     kwargs = dict(focus="neg_flip", label_smoothing=0.1, num_old_classes=SMALL["k"], reduction=reduction)
     grad, upstream = triton_gradient("mpt_loss", z, y, old, new, upstream=large_upstream, **kwargs)
     expected = reference_gradient_float32("mpt_loss", z, y, old, new, upstream=upstream, **kwargs)
-    assert_within_one_ulp(grad, expected, f"{dtype} {reduction}")
+    assert_single_rounding(grad, expected, f"{dtype} {reduction}")
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
@@ -444,7 +425,7 @@ def test_backward_skips_rows_whose_upstream_is_one(reduction):
         assert torch.equal(grad[kept], torch.full_like(grad[kept], sentinel)), values
         if rewritten:
             expected = reference_gradient_float32("mpt_loss", z, y, old, new, upstream=upstream, **kwargs)
-            assert_within_one_ulp(grad[rewritten], expected[rewritten], f"{reduction} {values}")
+            assert_single_rounding(grad[rewritten], expected[rewritten], f"{reduction} {values}")
 
 
 def test_deterministic():
