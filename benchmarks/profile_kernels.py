@@ -90,7 +90,13 @@ def main():
     parser.add_argument("--loss", nargs="+", default=["mpt_kl", "hill_loss"])
     parser.add_argument("--backend", nargs="+", default=["triton", "cuda"])
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--triton-maxnreg", default=None,
+                        help="register cap of the Triton softmax kernels: a number, or 'none' (default: the module's)")
     args = parser.parse_args()
+    if args.triton_maxnreg is not None:
+        from mpt_kernels.backends import triton_softmax
+
+        triton_softmax.MAX_REGISTERS = None if args.triton_maxnreg == "none" else int(args.triton_maxnreg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
     if args.cprofile:
