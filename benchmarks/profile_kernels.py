@@ -6,7 +6,8 @@ one forward+backward of one cell for Nsight Compute to profile.
     ncu --clock-control none --section SpeedOfLight \
         python benchmarks/profile_kernels.py --ncu-target triton:hill_loss:32768
 
-Inputs are random (logits ~ 2·N(0, 1), bf16 by default), as in ``mpt-kernels bench``.
+Inputs, calls, minimum bytes, the cold-L2 event timer and the copy bandwidth are the
+benchmark's own (``mpt_kernels.bench``); bf16 by default.
 """
 
 from __future__ import annotations
@@ -18,25 +19,22 @@ from collections import defaultdict
 
 import torch
 
-import mpt_kernels as mk
+from mpt_kernels.bench.cases import CASES, old_classes, target_bytes
+from mpt_kernels.bench.providers import BackendAPI
+from mpt_kernels.bench.timing import CudaClock, copy_bandwidth
 
 N = 4096
 
 
 def make_call(loss: str, backend: str, n: int, c: int, dtype: torch.dtype):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    z = (2 * torch.randn(n, c, generator=g, device="cuda")).to(dtype)
-    if loss in ("hill_loss", "splc_loss"):
-        t = torch.rand(n, c, generator=g, device="cuda") < 0.1
-        fn = getattr(mk, loss)
-        extra = {"epoch": 1} if loss == "splc_loss" else {}
-        return z, lambda x: fn(x, t, backend=backend, **extra)
-    k = c // 2
-    old = (2 * torch.randn(n, k, generator=g, device="cuda")).to(dtype)
-    new = (2 * torch.randn(n, c, generator=g, device="cuda")).to(dtype)
-    y = torch.randint(0, c, (n,), generator=g, device="cuda")
-    kind = "lm" if loss == "mpt_lm" else "kl"
-    return z, lambda x: mk.mpt_loss(x, y, old, new, kind=kind, num_old_classes=k, backend=backend)
+    """The benchmark's inputs and call of one loss (mpt_kernels.bench.cases), through ``backend``:
+    (logits, call(logits) -> loss, minimum bytes of a forward+backward)."""
+    case = CASES[loss]
+    inputs = case.make_inputs(n, c, dtype, torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0))
+    logits = inputs.pop("logits")
+    api = BackendAPI(backend)
+    nbytes = case.min_bytes(n, c, old_classes(c), logits.element_size(), target_bytes(case, inputs), True)
+    return logits, (lambda x: case.forward(api, x, inputs)), nbytes
 
 
 def fwd_bwd(call, z):
@@ -46,18 +44,9 @@ def fwd_bwd(call, z):
     return grad
 
 
-def event_time_ms(fn, reps=20):
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def event_time_ms(clock: CudaClock, fn, reps=20) -> float:
+    """Median of CUDA-event times on a cold L2, as the benchmark times its cells."""
+    return statistics.median(clock.time_calls(fn, reps))
 
 
 def host_time_ms(fn, reps=20):
@@ -82,6 +71,21 @@ def kernel_table(fn):
     return per_kernel
 
 
+def profile_cell(clock: CudaClock, copy_gbs: float, loss: str, backend: str, c: int, dtype: torch.dtype) -> str:
+    """One cell's report: event times of fwd+bwd and fwd, host time, device time per kernel."""
+    z, call, nbytes = make_call(loss, backend, N, c, dtype)
+    fwd_bwd(call, z)
+    total = event_time_ms(clock, lambda: fwd_bwd(call, z))
+    with torch.no_grad():
+        fwd = event_time_ms(clock, lambda: call(z))
+    host = host_time_ms(lambda: fwd_bwd(call, z))
+    kernels = kernel_table(lambda: fwd_bwd(call, z))
+    lines = [f"\n{loss} C={c} {backend}: fwd+bwd {total:.3f} ms ({nbytes / total / 1e6 / copy_gbs:.0%} of copy), "
+             f"fwd {fwd:.3f} ms, host {host:.3f} ms/call"]
+    lines += [f"    {ms:8.3f} ms  {name}" for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ncu-target", help="backend:loss:C, one fwd+bwd for ncu")
@@ -104,7 +108,7 @@ def main():
         import pstats
 
         backend, loss, c = args.cprofile.split(":")
-        z, call = make_call(loss, backend, 256, int(c), dtype)
+        z, call, _ = make_call(loss, backend, 256, int(c), dtype)
         for _ in range(20):
             fwd_bwd(call, z)
         torch.cuda.synchronize()
@@ -120,40 +124,20 @@ def main():
 
     if args.ncu_target:
         backend, loss, c = args.ncu_target.split(":")
-        z, call = make_call(loss, backend, N, int(c), dtype)
+        z, call, _ = make_call(loss, backend, N, int(c), dtype)
         for _ in range(2):
             fwd_bwd(call, z)
         torch.cuda.synchronize()
         return
 
-    copy_src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    copy_dst = torch.empty_like(copy_src)
-    copy_ms = event_time_ms(lambda: copy_dst.copy_(copy_src))
-    copy_gbs = 2 * 2**30 / copy_ms / 1e6
+    clock = CudaClock(torch.device("cuda"))
+    copy_gbs = copy_bandwidth(clock, 2**30, 20)["bytes_per_s"] / 1e9
     print(f"copy: {copy_gbs:.0f} GB/s")
-    del copy_src, copy_dst
-    e = torch.tensor([], dtype=dtype).element_size()
     for loss in args.loss:
         for c in args.c:
             for backend in args.backend:
-                z, call = make_call(loss, backend, N, c, dtype)
-                if loss.startswith("mpt"):
-                    nbytes = N * c * e * 2 + N * (c // 2) * e + N * c * e + 8 * N
-                else:
-                    nbytes = N * c * (2 * e + 1)
-                fwd_bwd(call, z)
-                total = event_time_ms(lambda: fwd_bwd(call, z))
-                with torch.no_grad():
-                    fwd = event_time_ms(lambda: call(z))
-                host = host_time_ms(lambda: fwd_bwd(call, z))
-                kernels = kernel_table(lambda: fwd_bwd(call, z))
-                print(f"\n{loss} C={c} {backend}: fwd+bwd {total:.3f} ms "
-                      f"({nbytes / total / 1e6 / copy_gbs:.0%} of copy), fwd {fwd:.3f} ms, host {host:.3f} ms/call")
-                for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1]):
-                    print(f"    {ms:8.3f} ms  {name}")
-                del z, call
+                print(profile_cell(clock, copy_gbs, loss, backend, c, dtype))
                 torch.cuda.empty_cache()
-
 
 if __name__ == "__main__":
     main()
