@@ -140,17 +140,20 @@ def define_loss_ops(
         ctx.backward_done = False
         ctx.save_for_backward(*saved, *(inputs[i] for i in tensor_slots))
 
-    def backward_formula(ctx, grad_loss, _grad_saved):
-        num_inputs = len(ctx.other_inputs)
-        if grad_loss is None:  # grads are not materialised (setup_context): no gradient flowed
-            return (None,) * num_inputs
+    def claim_backward(ctx) -> None:
+        """One backward per forward where the backward overwrites the saved gradient."""
         if backward_in_place and ctx.backward_done:
-            # the saved gradient was already overwritten in place by the first backward
             raise RuntimeError(
                 f"the {backend} backend's {family} loss supports one backward per forward; "
                 "with retain_graph=True, compute the loss again for a second backward"
             )
         ctx.backward_done = True
+
+    def backward_formula(ctx, grad_loss, _grad_saved):
+        num_inputs = len(ctx.other_inputs)
+        if grad_loss is None:  # grads are not materialised (setup_context): no gradient flowed
+            return (None,) * num_inputs
+        claim_backward(ctx)
         tensors = ctx.saved_tensors
         saved, input_tensors = list(tensors[: ctx.num_saved]), tensors[ctx.num_saved :]
         inputs = list(ctx.other_inputs)
@@ -182,12 +185,7 @@ def define_loss_ops(
 
         @staticmethod
         def backward(ctx, grad_loss):
-            if backward_in_place and ctx.backward_done:
-                raise RuntimeError(
-                    f"the {backend} backend's {family} loss supports one backward per forward; "
-                    "with retain_graph=True, compute the loss again for a second backward"
-                )
-            ctx.backward_done = True
+            claim_backward(ctx)
             saved = list(ctx.saved_tensors[: ctx.num_saved])
             with _inputs_device(grad_loss):
                 grad_logits = backward(grad_loss, saved, ctx.args)

@@ -333,6 +333,15 @@ def test_non_contiguous(name, layout):
         check_against_reference(name, x, t, reduction=reduction, upstream=upstream, **default_options(name))
 
 
+def test_second_backward_is_an_error():
+    # the backward overwrites the gradient the forward saved: one backward per forward
+    x, t = make_inputs(39, torch.float32)
+    loss = mpt_kernels.hill_loss(x.requires_grad_(True), t, backend="triton")
+    loss.backward(torch.tensor(0.5), retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward(torch.tensor(0.5))
+
+
 def test_expanded_upstream_of_none():
     # loss.sum().backward() hands "none" an expanded (stride 0) upstream gradient
     x, t = make_inputs(15)
