@@ -7,7 +7,7 @@
 #   MPT_KERNELS_GIT_COMMIT=<sha> bash benchmarks/run_gpu.sh   # where the copy has no .git
 #
 # Settings (environment): TOTAL_BUDGET_S (default 480: the whole script), TEST_TIMEOUT_S
-# (default 180: the small-shape tests), GPU_TIMEOUT_S, GPU_WORKERS, HUGE_TIMEOUT_S, MICRO_TIMEOUT_S, SANITIZE=0 (no
+# (default 200: the small-shape tests), GPU_TIMEOUT_S, GPU_WORKERS, HUGE_TIMEOUT_S, MICRO_TIMEOUT_S, SANITIZE=0 (no
 # compute-sanitizer), SANITIZE_K (its pytest -k), SANITIZE_TIMEOUT_S, TEST_WORKERS,
 # SKIP_TESTS=1 (the whole budget to the sweep), SKIP_MICRO=1, SKIP_BENCH=1, PROFILE=1 (profile_kernels.py first;
 # PROFILE_ARGS, CPROFILE_TARGETS), PYTHON
@@ -22,7 +22,7 @@ set -uo pipefail
 
 START=$SECONDS
 TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-480}
-TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-180}
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-200}
 PYTHON=${PYTHON:-python3}
 RESULTS=${OUT:-benchmarks/results}
 STAMP=$(date -u +%Y%m%d-%H%M%S)
@@ -76,11 +76,11 @@ else
     TESTS_STATUS=$?
     echo "pytest exit status: $TESTS_STATUS$([ $TESTS_STATUS -eq 124 ] && echo ' (timed out)')"
 
-    # the gpu-marked tests hold up to ~20 GB each (N = 4096, C = 131072, float32, with
+    # the gpu-marked tests hold up to ~60 GB each (N = 4096, C = 131072, float32, with
     # the reference's intermediates): few workers
-    section "realistic-size GPU tests, ${GPU_WORKERS:-3} workers (at most ${GPU_TIMEOUT_S:-200} s)"
+    section "realistic-size GPU tests, ${GPU_WORKERS:-2} workers (at most ${GPU_TIMEOUT_S:-200} s)"
     timeout --signal=INT --kill-after=30 "${GPU_TIMEOUT_S:-200}" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider \
-        -n "${GPU_WORKERS:-3}" --timeout 240 --benchmark-disable -m gpu -k "not ($HUGE)" \
+        -n "${GPU_WORKERS:-2}" --timeout 240 --benchmark-disable -m gpu -k "not ($HUGE)" \
         --ignore tests/test_microbenchmarks.py tests
     STATUS=$?; echo "pytest exit status: $STATUS"; [ $STATUS -ne 0 ] && TESTS_STATUS=$STATUS
 

@@ -161,7 +161,7 @@ def assert_compiled_equals_eager(loss_name, backend, compiler):
         x, y = batch(loss_name, seed)
         student.zero_grad(set_to_none=True)
         loss = compiled(x, y)
-        assert loss.grad_fn is not None and loss.grad_fn.name() == "CompiledFunctionBackward"
+        assert loss.grad_fn is not None and type(loss.grad_fn).__name__ == "CompiledFunctionBackward"
         loss.backward()
         grads = parameter_grads(student)
         student.zero_grad(set_to_none=True)

@@ -76,7 +76,10 @@ def check_against_reference(function, logits, *args, upstream=None, **options):
     # A loss is a sum of terms of the size of the logits (|z| ~ 3 here), computed to a few
     # float32 roundings of those: a loss that is exactly 0 (C = 1, say) comes out as ~1e-9.
     assert_close(loss, ref_loss, dtype, "loss", floor=1.0)
-    assert_close(grad, ref_grad, dtype, "gradient")
+    # Likewise a gradient entry is a sum of terms of size up to 1 per row, times the upstream
+    # gradient over the row count under "mean": an entry that is exactly 0 (C = 1) comes
+    # out as a few float32 roundings of that (the H200 run: 4.7e-10 for N = 333).
+    assert_close(grad, ref_grad, dtype, "gradient", floor=1.0 / max(1, logits.shape[0]))
     return loss, grad
 
 

@@ -475,12 +475,13 @@ for flat, splc, element_loss, tile_sums, grad, scalar, per_element in MODES:
         IS_SPLC=splc, WRITE_ELEMENT_LOSS=element_loss, WRITE_TILE_SUMS=tile_sums, WRITE_GRAD=grad,
         UPSTREAM_SCALAR=scalar, UPSTREAM_PER_ELEMENT=per_element, FLAT=flat,
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols), TM._num_warps(block_rows * block_cols))
-    # per element two exponentials (σ's and the focal factor's) and one logarithm, each a
-    # single MUFU (a precise log would be a run of FFMAs instead)
+    # per element two exponentials (σ's and the focal factor's), each a single MUFU (a
+    # precise exp would add range reduction around it), two reciprocals (σ's and log1p's;
+    # the compiler may add one more of its own) and no logarithm (log1p is a series)
     elements = block_rows * block_cols // (32 * TM._num_warps(block_rows * block_cols))
     elements *= 2 if flat else 1  # the flat kernel holds a full-tile and a tail copy
-    counts = (len(re.findall(r"MUFU\.EX2", sass)), len(re.findall(r"MUFU\.LG2", sass)))
-    assert counts == (2 * elements, elements), counts
+    ex2, lg2, rcp = (len(re.findall(rf"MUFU\.{op}", sass)) for op in ("EX2", "LG2", "RCP"))
+    assert (ex2, lg2) == (2 * elements, 0) and rcp >= 2 * elements, (ex2, lg2, rcp)
 compile_kernel(TM._sum_tiles_kernel, dict(partials_ptr="*fp32", out_ptr="*bf16", scale="fp32"), dict(BLOCK=4096), 8)
 print("compiled")
 """
@@ -527,7 +528,11 @@ def test_gpu_extreme_and_deterministic(dtype):
             upstream = make_upstream(reduction, x, 35)
             first = check_against_reference(name, x, t, reduction=reduction, upstream=upstream, **default_options(name))
             second = loss_and_grad("triton", name, x, t, upstream, reduction=reduction, **default_options(name))
-            assert torch.isfinite(first[0]).all() and torch.isfinite(first[1]).all()
+            # a float16 "sum" of ~1e3-sized terms over 8e7 elements overflows, the
+            # reference's too (compared above); the gradient must stay finite
+            if not (dtype == torch.float16 and reduction == "sum"):
+                assert torch.isfinite(first[0]).all()
+            assert torch.isfinite(first[1]).all()
             assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
