@@ -280,6 +280,31 @@ def test_auto_picks_reference_without_interpreter(monkeypatch):
     )
 
 
+class _CudaLogits:
+    """What an ``auto_rank`` reads of a tensor (device and size), for CUDA without a GPU."""
+
+    def __init__(self, numel: int):
+        self.device, self._numel = torch.device("cuda"), numel
+
+    def numel(self) -> int:
+        return self._numel
+
+
+def test_auto_ranks_on_cuda_tensors_follow_the_measured_rule():
+    # triton before cuda for the softmax family at every size; cuda before triton for
+    # multi-label tensors up to 2^25 elements (backends/cuda.py says what was measured)
+    ranks = {backend.name: backend.auto_rank for backend in registered_backends()}
+    if "cuda" not in ranks:
+        pytest.skip("the CUDA extension is not built here")
+    small, large = _CudaLogits(2**25), _CudaLogits(2**25 + 1)
+    assert ranks["cuda"]("multilabel", small) < ranks["triton"]("multilabel", small)
+    assert ranks["triton"]("multilabel", large) < ranks["cuda"]("multilabel", large)
+    for logits in (small, large, _CudaLogits(2**31)):
+        assert ranks["triton"]("softmax", logits) < ranks["cuda"]("softmax", logits)
+    cpu = torch.empty(2, 3)  # on CPU tensors the reference comes first
+    assert ranks["reference"]("softmax", cpu) < min(ranks["triton"]("softmax", cpu), ranks["cuda"]("softmax", cpu))
+
+
 # --------------------------------------------------------------------------- defaults (through values)
 def independent_fd_rows(s, r, y, *, kind, tau, alpha, beta, scale=1.0):
     """Spec §2 with focus "ref_correct", written here without the package."""

@@ -5,6 +5,7 @@ write its JSON and markdown with finite numbers, say plainly that they are not G
 figures, survive a provider that raises, and remake its report from the JSON alone.
 """
 
+import copy
 import importlib.util
 import json
 import math
@@ -85,7 +86,26 @@ def test_min_bytes_follow_the_formulas(smoke_run):
     cell = cell_of("focal_distillation", "fwd", 4, 1000)
     assert cell["min_bytes"] == 4 * 500 * 4 + 4 * 500 * 4 + 4 * 8 + 4
     cell = cell_of("hill_loss", "fwd+bwd", 4, 1000)
-    assert cell["min_bytes"] == 4 * 1000 * 4 * 3 + 4
+    # fp32 logits, bool targets (1 byte each), scalar loss, gradient
+    assert cell["min_bytes"] == 4 * 1000 * 4 + 4 * 1000 * 1 + 4 + 4 * 1000 * 4
+
+
+def test_runs_that_miscounted_bytes_are_rederived(smoke_run):
+    # runs before the fix counted bool multi-label targets as wide as the logits: the
+    # report recomputes min_bytes from the recorded shapes and target bytes, and scales the
+    # bandwidth figures with it (times untouched)
+    _, _, _, doc, _ = smoke_run
+    doc = copy.deepcopy(doc)
+    assert report.rederive_bytes(doc) == 0 and "rederived" not in doc
+    cell = next(x for x in doc["cells"] if x["loss"] == "hill_loss" and x["status"] == "ok" and x["mode"] == "fwd+bwd")
+    right = dict(cell)
+    cell["min_bytes"] = cell["n"] * cell["c"] * 4 * 3 + 4  # the old count: 4-byte targets
+    cell["bytes_per_s"] = cell["min_bytes"] / (cell["median_ms"] / 1e3)
+    cell["copy_fraction"] *= cell["min_bytes"] / right["min_bytes"]
+    assert report.rederive_bytes(doc) == 1 and "re-derived" in doc["rederived"]
+    assert cell["min_bytes"] == right["min_bytes"] and cell["median_ms"] == right["median_ms"]
+    assert cell["copy_fraction"] == pytest.approx(right["copy_fraction"], rel=1e-12)
+    assert cell["bytes_per_s"] == pytest.approx(right["bytes_per_s"], rel=1e-12)
 
 
 def test_markdown_has_a_table_per_loss_and_mode(smoke_run):

@@ -129,10 +129,18 @@ def poison_allocator(*shapes_and_dtypes) -> None:
 
 
 # --------------------------------------------------------------------------- registration
-def test_registered_after_triton_on_cuda_tensors():
-    x = torch.zeros(2, 3, device=DEVICE)
-    backend = select_backend("softmax", "cuda", x)
-    assert backend.name == "cuda" and backend.auto_rank("softmax", x) == 20.0
+def test_auto_rank_follows_the_measured_rule():
+    # softmax family: after triton (10) at every size; multi-label: before it up to
+    # N·C = 2^25 elements (host time decides there), after it beyond
+    small = torch.empty(4096, 8192, device=DEVICE, dtype=torch.bfloat16)
+    large = torch.empty(4096, 8193, device=DEVICE, dtype=torch.bfloat16)
+    backend = select_backend("softmax", "cuda", small)
+    assert backend.name == "cuda"
+    assert backend.auto_rank("softmax", small) == backend.auto_rank("softmax", large) == 20.0
+    assert backend.auto_rank("multilabel", small) == 5.0 and backend.auto_rank("multilabel", large) == 20.0
+    assert select_backend("multilabel", "auto", small).name == "cuda"
+    assert select_backend("multilabel", "auto", large).name == "triton"
+    assert select_backend("softmax", "auto", small).name == "triton"
     assert cuda_backend._C.cuda_runtime_version() >= 12000
 
 

@@ -313,10 +313,23 @@ def _status() -> Optional[str]:
     return _DRIVER_STATUS
 
 
+# Measured on an H200 (benchmarks/results/bench-20261122-184325-nvidia-h200-merged.md,
+# forward+backward): this backend's multi-label kernel is slower per element than Triton's,
+# but a call costs less host time, and that decides small tensors. At N·C = 2^25 (4096 x
+# 8192, bf16) Hill and SPLC took 0.24 and 0.21 ms here against Triton's 0.39 and 0.30 ms
+# (fp32: 0.57 against 0.71 ms); at 2^27 Triton took 0.29 ms against 0.91 ms. The softmax
+# family: Triton at every shape measured (0.45 against 1.19 ms at 4096 x 8192, bf16).
+SMALL_MULTILABEL_ELEMENTS = 2**25
+
+
 def _auto_rank(family: str, logits: torch.Tensor) -> float:
-    # After triton (10) on CUDA tensors for now: which backend wins per family and shape
-    # awaits GPU measurements. Never chosen for CPU tensors (_why_not rules them out).
-    return 20.0 if logits.device.type == "cuda" else 10_000.0
+    """Before triton (10) for small multi-label tensors, after it otherwise; never chosen
+    for CPU tensors (_why_not rules them out)."""
+    if logits.device.type != "cuda":
+        return 10_000.0
+    if family == "multilabel" and logits.numel() <= SMALL_MULTILABEL_ELEMENTS:
+        return 5.0
+    return 20.0
 
 
 _FAMILIES = {

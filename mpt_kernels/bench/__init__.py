@@ -76,6 +76,8 @@ def run(args) -> int:
         else:
             doc = report.merge(docs)
             stem, data = report.file_stem(doc) + "-merged", True
+        if report.rederive_bytes(doc):
+            data = True  # the JSON must say what the tables say
         report.annotate(doc)
         for path in report.write(doc, out, stem, data=data, plots=not args.no_plots):
             print(f"wrote {path}")

@@ -256,6 +256,11 @@ def input_bytes(inputs: dict) -> int:
     return sum(t.numel() * t.element_size() for t in inputs.values())
 
 
+def planned_target_bytes(case: LossCase, dtype: torch.dtype) -> int:
+    """t of the inputs this case will make (on the meta device: nothing is allocated)."""
+    return target_bytes(case, case.make_inputs(1, 2, dtype, torch.device("meta"), None))
+
+
 def planned_input_bytes(case: LossCase, n: int, c: int, dtype: torch.dtype) -> int:
     """The inputs' size before they exist (made on the meta device), to skip a shape that
     cannot fit."""

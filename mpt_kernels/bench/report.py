@@ -60,6 +60,38 @@ def annotate(doc: dict) -> None:
         cell["check"] = "ok" if worst <= TOLERANCE.get(cell["dtype"], 1e-2) else "mismatch"
 
 
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def rederive_bytes(doc: dict) -> int:
+    """Recomputes each measured cell's minimum bytes from its shape, dtype, mode and the
+    target bytes the run recorded, with this version's formulas (``cases.py``); where they
+    differ, the bandwidth and copy fraction follow (the measured times are untouched).
+    Runs made before this function existed (2026-11-22) planned the multi-label cells with targets as
+    wide as the logits while the inputs were bool. Returns how many cells changed, and
+    notes it in the document."""
+    from .cases import CASES
+
+    changed = 0
+    for cell in doc["cells"]:
+        t = cell.get("target_element_bytes")
+        if not _ok(cell) or t is None or cell["loss"] not in CASES:
+            continue
+        right = CASES[cell["loss"]].min_bytes(cell["n"], cell["c"], cell["k"], ELEMENT_BYTES[cell["dtype"]], t,
+                                              cell["mode"] == "fwd+bwd")
+        if right != cell["min_bytes"]:
+            factor = right / cell["min_bytes"]
+            cell["min_bytes"] = right
+            cell["bytes_per_s"] *= factor
+            cell["copy_fraction"] *= factor
+            changed += 1
+    if changed:
+        doc["rederived"] = (f"min_bytes, bytes_per_s and copy_fraction of {changed} cell(s) re-derived from the "
+                            "recorded shapes and target bytes (the run had counted bool multi-label targets "
+                            "as wide as the logits); times unchanged")
+    return changed
+
+
 def merge(docs: list) -> dict:
     """One document from the runs of one sweep split over several calls (a GPU lease
     limits each call): the same device, code and settings of compile, every cell of
@@ -227,6 +259,10 @@ def to_markdown(doc: dict) -> str:
         + ", ".join(f"{v:g} ({k})" for k, v in TOLERANCE.items()) + " (relative)",
         f"- torch.compile: {'dynamic' if doc['settings']['compile']['dynamic'] else 'static'} shapes, default mode",
         f"- wall time {doc.get('elapsed_s') or 0:.0f} s (estimated {doc.get('estimate_s') or 0:.0f} s before the run)",
+    ]
+    if doc.get("rederived"):
+        lines.append(f"- {doc['rederived']}")
+    lines += [
         "",
         "## Providers",
         "",

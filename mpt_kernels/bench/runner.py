@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import environment, providers, report
-from .cases import CASES, LossCase, input_bytes, old_classes, planned_input_bytes, target_bytes
+from .cases import CASES, LossCase, input_bytes, old_classes, planned_input_bytes, planned_target_bytes, target_bytes
 from .plan import OVERRUN_FACTOR, Cell, Planner
 from .timing import copy_bandwidth, make_clock, measure
 
@@ -186,7 +186,7 @@ class Sweep:
                                             status="skipped", skip="n/a", reason=why_not))
                                         continue
                                     logit_bytes = torch.empty((), dtype=dtype).element_size()
-                                    t = logit_bytes if case.family == "multilabel" else 8
+                                    t = planned_target_bytes(case, dtype)
                                     min_bytes = case.min_bytes(n, c, old_classes(c), logit_bytes, t, mode == "fwd+bwd")
                                     runnable.append(Cell(case_name, n, c, dtype_name, mode, provider, min_bytes))
         return runnable, not_applicable
