@@ -36,3 +36,25 @@ for trial in range(3):
             coef = (d * v).sum() / (v * v).sum()
             resid = (d - coef * v).abs().max().item()
             print(f"   diff ~ {coef.item():.4g} * ({name}): residual {resid:.3g} of {d.abs().max().item():.3g}")
+
+# ---- second look (written after call 3, not yet run on a GPU): the CE's log-sum-exp the
+# forward kernel saved for each row (base 2, stats[:, 0]) against float64, and the gradient
+# the forward wrote for an upstream gradient of 1 (no backward recomputation involved).
+from mpt_kernels.backends import triton_softmax as TS
+
+bias = torch.randn(c, device=z.device, generator=torch.Generator(device=z.device).manual_seed(0))
+args = R.mpt_loss_args(z, y, old, new, new_class_bias=0.0, num_old_classes=None, class_bias=bias, kind="lm",
+                       tau=5.0, alpha=1.0, beta=5.0, focus="ref_correct", scale_by_tau_sq=False, ce_weight=1.0,
+                       old_weight=None, new_weight=None, label_smoothing=0.0, ignore_index=-100, reduction="none")
+_, (grad1, stats, *_) = TS._forward(args, True)
+lse64 = torch.logsumexp(z.double() + bias.double(), dim=1) * 1.4426950408889634
+counted = y != -100
+err = (stats[:, 0].double() - lse64).where(counted, torch.zeros_like(lse64))
+worst = err.abs().argsort(descending=True)[:5].tolist()
+print(f"saved CE LSE (base 2) - float64: max |err| {err.abs().max().item():.3g}, median {err.abs().median().item():.3g}; "
+      f"worst rows {worst} errors {[round(err[i].item(), 9) for i in worst]}")
+_, g1_64 = T.run("mpt_loss", z.double(), y, old.double(), new.double(), backend="reference", upstream="one",
+                 kind="lm", class_bias=bias.double(), reduction="none")
+d1 = (grad1.double() - g1_64)
+print(f"forward-written gradient (upstream 1) - float64: max |err| {d1.abs().max().item():.3g} "
+      f"at row {d1.abs().amax(1).argmax().item()}; scale {g1_64.abs().max().item():.3g}")
