@@ -201,3 +201,19 @@ def test_git_commit_from_the_environment_wins(monkeypatch):
     monkeypatch.delenv("MPT_KERNELS_GIT_COMMIT")
     state = environment.git_state()
     assert state["source"] in ("git", "unknown (no git repository here)") and state["commit"] != "0123abc"
+
+
+def test_host_bound_cells_are_marked(smoke_run):
+    # the CPU smoke run has no host time apart from its measured time (None: no mark);
+    # a GPU cell whose launches take most of its event time is marked ʰ, with a legend
+    _, _, _, doc, markdown = smoke_run
+    assert all(cell.get("host_ms") is None for cell in doc["cells"] if cell["status"] == "ok")
+    assert "ʰ" not in markdown
+    doc = copy.deepcopy(doc)
+    ok = [cell for cell in doc["cells"] if cell["status"] == "ok"]
+    ok[0]["host_ms"] = ok[0]["median_ms"] * 0.9  # host-bound
+    ok[1]["host_ms"] = ok[1]["median_ms"] * 0.5  # not
+    assert report.host_bound(ok[0]) and not report.host_bound(ok[1])
+    marked = report.to_markdown(doc)
+    assert "ʰ marks a host-bound cell" in marked
+    assert marked.count(" ʰ") == 1 + marked.count(" ʰ marks")

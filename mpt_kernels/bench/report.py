@@ -19,6 +19,14 @@ DTYPE_ORDER = ("bf16", "fp16", "fp32")
 MODE_LABEL = {"fwd": "forward", "fwd+bwd": "forward+backward"}
 # Relative difference from the eager reference (loss, gradient norm) beyond which a cell is flagged.
 TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-3}
+# A cell whose host time per call is at least this fraction of its measured time is marked
+# host-bound: the CPU's Python and launch path, not the device, set its time.
+HOST_BOUND = 0.8
+
+
+def host_bound(cell: dict) -> bool:
+    host = cell.get("host_ms")
+    return host is not None and host >= HOST_BOUND * cell["median_ms"]
 
 
 def _key(cell: dict, provider: str = None) -> tuple:
@@ -181,6 +189,7 @@ def _cell_text(cell) -> str:
         text = f"{_ms(cell['median_ms'])} ms · {cell['copy_fraction']:.0%}"
         if cell.get("peak_bytes_above_inputs") is not None:
             text += f" · +{_mib(cell['peak_bytes_above_inputs'])}"
+        text += " ʰ" if host_bound(cell) else ""
         return text + (" ⚠" if cell.get("check") == "mismatch" else "")
     if cell["status"] == "failed":
         return "failed"
@@ -256,7 +265,10 @@ def to_markdown(doc: dict) -> str:
            + ", ".join(f"{part['copy_bandwidth']['bytes_per_s'] / 1e9:.0f}" for part in doc["parts"]) + " GB/s)"),
         "- each cell: `time ms · min bytes / time as a fraction of the copy bandwidth · peak memory above the inputs`;"
         " ⚠ marks a loss or gradient norm off the eager reference by more than "
-        + ", ".join(f"{v:g} ({k})" for k, v in TOLERANCE.items()) + " (relative)",
+        + ", ".join(f"{v:g} ({k})" for k, v in TOLERANCE.items()) + " (relative)"
+        + (f"; ʰ marks a host-bound cell: launching its call took at least {HOST_BOUND:.0%} of its time "
+           "(the CPU's Python and launch path decide it, not the kernels)"
+           if any(c.get("host_ms") is not None for c in doc["cells"]) else ""),
         f"- torch.compile: {'dynamic' if doc['settings']['compile']['dynamic'] else 'static'} shapes, default mode",
         f"- wall time {doc.get('elapsed_s') or 0:.0f} s (estimated {doc.get('estimate_s') or 0:.0f} s before the run)",
     ]

@@ -347,6 +347,7 @@ class Sweep:
             log(head + f"{record['median_ms']:.3f} ms ({record['reps']} runs), "
                 f"{record['bytes_per_s'] / 1e9:.3g} GB/s = {record['copy_fraction']:.0%} of copy"
                 + ("" if peak is None else f", peak +{peak / 2**20:.0f} MiB")
+                + ("" if record.get("host_ms") is None else f", host {record['host_ms']:.3f} ms/call")
                 + (f", first call {record['first_call_s']:.1f} s" if record["first_call_s"] > 1 else ""))
         else:
             log(head + f"{record['status']}: {record['reason'].splitlines()[0][:200]}")

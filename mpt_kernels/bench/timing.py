@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 FALLBACK_L2_BYTES = 50 << 20  # H100/H200, when the device does not report it
+HOST_REPS = 10  # calls timed for the host time per call
 
 
 class CudaClock:
@@ -47,6 +48,18 @@ class CudaClock:
             end.record()
         self.sync()
         return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+
+    def host_ms(self, step: Callable, reps: int) -> float:
+        """Host time per call: ``reps`` calls launched back to back with no sync between
+        them (the device runs behind), divided by ``reps``. Where it is about the event
+        time, the CPU's Python and launch path decides the cell, not the kernels."""
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            step()
+        elapsed = time.perf_counter() - start
+        self.sync()
+        return elapsed * 1e3 / reps
 
     def run_measuring_memory(self, step: Callable):
         """(outputs, peak bytes allocated above what was allocated before the call)."""
@@ -89,6 +102,9 @@ class HostClock:
             times.append((time.perf_counter() - start) * 1e3)
         return times
 
+    def host_ms(self, step: Callable, reps: int) -> None:
+        return None  # on CPU every measured millisecond is host time
+
     def run_measuring_memory(self, step: Callable):
         return step(), None
 
@@ -125,7 +141,8 @@ def measure(step: Callable, clock, *, rep_ms: float, min_reps: int, max_reps: in
     One first call (compilation, autotuning and caches land here: reported as
     ``first_call_s``), ``probes`` timed calls that warm up and size the repetitions to about
     ``rep_ms`` of measured time, one call that measures the peak memory and gives the
-    loss and gradient norm for the sanity check, then the timed repetitions.
+    loss and gradient norm for the sanity check, the timed repetitions, then up to
+    ``HOST_REPS`` calls for the host time per call (``host_ms``; None on CPU).
     """
     start = time.perf_counter()
     outputs = step()
@@ -142,12 +159,14 @@ def measure(step: Callable, clock, *, rep_ms: float, min_reps: int, max_reps: in
     del loss, grad
 
     times = sorted(clock.time_calls(step, reps))
+    host_ms = clock.host_ms(step, min(reps, HOST_REPS))
     return {
         "median_ms": statistics.median(times),
         "min_ms": times[0],
         "q20_ms": _quantile(times, 0.2),
         "q80_ms": _quantile(times, 0.8),
         "reps": reps,
+        "host_ms": host_ms,
         "first_call_s": first_call_s,
         "peak_bytes_above_inputs": peak_bytes,
         "loss_value": loss_value,
