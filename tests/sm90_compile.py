@@ -3,9 +3,11 @@
 The interpreter accepts code that the compiler rejects (a global that is not a
 constexpr, a loop-carried value that changes type, inline assembly it never runs, ...).
 ``run_sm90_compile(body)`` runs ``body`` in a fresh process without TRITON_INTERPRET,
-after a prelude that defines ``compile_kernel(fn, types, constexprs, num_warps,
-**options)``: it lowers ``fn`` to a cubin for sm_90 with Triton's own ptxas, asserts that
-nothing spills to local memory, and returns the SASS text. The body must print
+after a prelude that defines ``compile_kernel(fn, types, constexprs, num_warps, aligned=(),
+**options)``: it lowers ``fn`` to a cubin for sm_90 with Triton's own ptxas (the arguments
+named in ``aligned`` that ``fn`` has are specialised as divisible by 16, as the JIT does for
+aligned tensors),
+asserts that nothing spills to local memory, and returns the SASS text. The body must print
 "compiled" at the end.
 """
 
@@ -25,9 +27,11 @@ from triton.compiler import ASTSource
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
-def compile_kernel(fn, types, constexprs, num_warps, **options):
+def compile_kernel(fn, types, constexprs, num_warps, aligned=(), **options):
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+    # what the JIT assumes of a 16-byte-aligned pointer or an integer divisible by 16
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned if name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps, **options))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"]); f.flush()

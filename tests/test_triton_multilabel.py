@@ -471,10 +471,16 @@ for flat, splc, element_loss, tile_sums, grad, scalar, per_element in MODES:
     block_rows, block_cols = (1, 4096) if flat else TM.tile_shape(4096, 1000)
     types = dict(logits_ptr="*bf16", targets_ptr="*u8", upstream_ptr="*bf16", loss_ptr="*fp32", grad_ptr="*bf16",
                  numel="i64", **{name: "fp32" for name in FLOATS})
+    # freshly allocated tensors are 16-byte aligned, and N·C is a multiple of 16 here
+    aligned = ["logits_ptr", "targets_ptr", "upstream_ptr", "loss_ptr", "grad_ptr", "numel"]
     sass = compile_kernel(TM._multilabel_kernel, types, dict(
         IS_SPLC=splc, WRITE_ELEMENT_LOSS=element_loss, WRITE_TILE_SUMS=tile_sums, WRITE_GRAD=grad,
         UPSTREAM_SCALAR=scalar, UPSTREAM_PER_ELEMENT=per_element, FLAT=flat,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols), TM._num_warps(block_rows * block_cols))
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols), TM._num_warps(block_rows * block_cols), aligned=aligned)
+    if flat:
+        # the flat path reads and writes 16 bytes per instruction, in its full and tail tiles
+        memory = set(re.findall(r"\b(LDG\.E[.A-Z0-9]*|STG\.E[.A-Z0-9]*)", sass))
+        assert memory <= {"LDG.E.128", "STG.E.128", "STG.E"}, memory  # STG.E: the tile's partial sum
     # per element two exponentials (σ's and the focal factor's), each a single MUFU (a
     # precise exp would add range reduction around it), two reciprocals (σ's and log1p's;
     # the compiler may add one more of its own) and no logarithm (log1p is a series)

@@ -582,6 +582,7 @@ def test_out_of_range_target(monkeypatch):
 # The interpreter accepts code that the compiler rejects: the kernels are also lowered to
 # sm_90 machine code (tests/sm90_compile.py), with no spill allowed.
 AOT_SCRIPT = r"""
+import re
 from mpt_kernels.backends import triton_softmax as TS
 
 FLOATS = ["new_class_bias", "label_smoothing", "inv_tau", "kl_scale", "alpha", "beta",
@@ -602,10 +603,20 @@ for dtype, target, changes, classes, streams in [
                  stats_ptr="*fp32", inv_count_ptr="*fp32", z_row_stride="i64", ignore_index="i64",
                  **{name: "fp32" for name in FLOATS})
     constexprs = dict(ALL_ON, **changes, BLOCK_C=block)
-    compile_kernel(TS._mpt_loss_kernel, types, constexprs, num_warps, **cap)
+    # what the JIT specialises: fresh tensors are 16-byte aligned; a class count that is a
+    # multiple of 16 makes the row strides and the split points multiples of 16 too
+    aligned = [name for name in TS._mpt_loss_kernel.arg_names if name.endswith("_ptr")]
+    if classes % 16 == 0:
+        aligned += ["z_row_stride", "old_row_stride", "new_row_stride", "num_classes", "num_old", "num_read", "split"]
+    sass = compile_kernel(TS._mpt_loss_kernel, types, constexprs, num_warps, aligned=aligned, **cap)
+    if classes % 16 == 0:
+        # each thread reads 16 bytes of each stream per block; only the few reads of the
+        # target's logits are narrower
+        narrow = re.findall(r"LDG\.E\.U16", sass)
+        assert "LDG.E.128" in sass and len(narrow) <= 4, (len(narrow), sorted(set(re.findall(r"LDG\.E[.A-Z0-9]*", sass))))
     if constexprs["WRITE_GRAD"]:
         compile_kernel(TS._mpt_loss_backward_kernel, types,
-                       {name: constexprs[name] for name in BACKWARD_CONSTEXPRS}, num_warps, **cap)
+                       {name: constexprs[name] for name in BACKWARD_CONSTEXPRS}, num_warps, aligned=aligned, **cap)
 compile_kernel(TS._inverse_count_kernel, dict(target_ptr="*i32", out_ptr="*fp32", ignore_index="i64"),
                dict(BLOCK=1024), 4)
 print("compiled")
