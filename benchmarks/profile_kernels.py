@@ -96,7 +96,16 @@ def main():
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--triton-maxnreg", default=None,
                         help="register cap of the Triton softmax kernels: a number, or 'none' (default: the module's)")
+    parser.add_argument("--multilabel-tile", default=None, metavar="ELEMENTS[:WARPS]",
+                        help="elements (and warps) per program of the Triton multi-label kernel "
+                             "(default: the module's, TILE_ELEMENTS and TILE_WARPS)")
     args = parser.parse_args()
+    if args.multilabel_tile is not None:
+        from mpt_kernels.backends import triton_multilabel
+
+        elements, _, warps = args.multilabel_tile.partition(":")
+        triton_multilabel.TILE_ELEMENTS = int(elements)
+        triton_multilabel.TILE_WARPS = int(warps) if warps else None
     if args.triton_maxnreg is not None:
         from mpt_kernels.backends import triton_softmax
 

@@ -452,6 +452,18 @@ def test_torch_compile_fullgraph():
         assert_matches(leaf.grad, expected, x.dtype)
 
 
+def test_tile_knobs_change_the_launch_not_the_result_default_blocks(monkeypatch):
+    # TILE_ELEMENTS and TILE_WARPS (what benchmarks/profile_kernels.py --multilabel-tile
+    # sets when timing launch shapes): any tile gives the reference's loss and gradient
+    monkeypatch.setattr(TM, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(TM, "TILE_WARPS", 1)
+    assert TM._num_warps(64) == 1 and TM._tiling(torch.empty(7, 100), torch.empty(7, 100))[2] == 64
+    x, t = make_inputs(41, torch.float32, n=7, c=100)
+    for name in LOSSES:
+        check_against_reference(name, x, t, reduction="sum", upstream=make_upstream("sum", x, 42),
+                                **default_options(name))
+
+
 # --------------------------------------------------------------------------- compiled, not interpreted
 # The interpreter never runs the special functions' inline assembly (triton_fastmath):
 # the kernel is also lowered to sm_90 machine code, in each layout and mode, with no
