@@ -34,6 +34,24 @@ def _ptx(x, INSTRUCTION: tl.constexpr):
 
 
 @triton.jit
+def mul_rn(x, y):
+    """x·y rounded to float32 and never fused into an FMA with the operation that uses it.
+
+    The compiler contracts ``a * b - c`` into fma(a, b, -c), which uses the exact product.
+    Where two products must round alike, that breaks an identity: an online log-sum-exp
+    keeps its sum relative to ``shift = round(m·scale)`` and rescales it by
+    ``exp2(m·scale - shift')`` when the max m moves; fused, that factor is 2^(ε) rather
+    than exactly 1 while m stays, ε being m·scale's rounding error, and it compounds over
+    every block of the row (a float32 log-sum-exp 1e-5 to 1e-4 off at C = 131072 on the
+    H200, reproduced by a NumPy emulation of the fused arithmetic).
+    """
+    if HARDWARE:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [x, y], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return x * y
+
+
+@triton.jit
 def exp2(x):
     """2^x."""
     if HARDWARE:

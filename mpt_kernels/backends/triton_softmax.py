@@ -71,6 +71,7 @@ import triton.language as tl
 
 from .._custom_op import define_loss_ops
 from .._validation import SoftmaxLossArgs, check_target_values
+from . import triton_fastmath as fm
 
 # Tests under the interpreter set this to a small power of two so that a few hundred
 # classes cross several blocks; None chooses by the class count (see _launch_config).
@@ -116,8 +117,9 @@ def _online_lse(m, l, x, x_max, offset, scale):
     # While every class seen is -inf (masked), shift by 0 rather than by -inf, so that
     # exp(-inf - (-inf)) = NaN never happens. A NaN logit that max() dropped still
     # reaches l through exp2(NaN - shift), so NaN propagates either way.
-    shift = tl.where(m_new == _NEG_INF, 0.0, m_new * scale)
-    rescale = tl.math.exp2(m * scale - shift)  # 0 while m = -inf (then l = 0 too)
+    # Both shifts rounded alike (fm.mul_rn): the factor is exactly 1 while the max stays.
+    shift = tl.where(m_new == _NEG_INF, 0.0, fm.mul_rn(m_new, scale))
+    rescale = tl.math.exp2(fm.mul_rn(m, scale) - shift)  # 0 while m = -inf (then l = 0 too)
     e = tl.math.exp2(x * scale + (-shift + offset * scale)[:, None])
     return m_new, l * rescale + tl.sum(e, 1), rescale, e
 
@@ -127,8 +129,8 @@ def _lse_total(m, l, scale):
     """Combines the rows of _online_lse: (log2 Σ_j exp2(v_j·scale), the row's sum relative
     to its shift, and each tile row's factor onto that shift)."""
     row_max = tl.max(m, 0)
-    shift = tl.where(row_max == _NEG_INF, 0.0, row_max * scale)
-    factor = tl.math.exp2(m * scale - shift)  # 0 for a tile row that saw only -inf (l = 0)
+    shift = tl.where(row_max == _NEG_INF, 0.0, fm.mul_rn(row_max, scale))
+    factor = tl.math.exp2(fm.mul_rn(m, scale) - shift)  # 0 for a tile row that saw only -inf (l = 0)
     total = tl.sum(l * factor, 0)
     return shift + tl.math.log2(total), total, factor
 
