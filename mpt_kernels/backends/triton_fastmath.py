@@ -1,14 +1,17 @@
-"""The special functions of the Triton kernels: one hardware instruction each on a GPU.
+"""The float32 helpers of the Triton kernels: one hardware instruction each on a GPU.
 
 ``tl.exp``, ``tl.log`` and ``/`` on float32 compile to the approximate MUFU instructions
 wrapped in code that handles subnormal inputs and outputs (or, for ``/``, to the IEEE
 division's longer sequence); in our elementwise and row kernels that wrapping was most
 of the instructions per element (Nsight Compute on an H200: compute bound at 87 % issue
 while memory ran at 34 %). These helpers emit the bare ``ex2.approx.ftz``,
-``lg2.approx.ftz`` and ``rcp.approx.ftz`` instead: relative error about 2^-22, and
-subnormal results flushed to zero (a value below 1.2e-38 that no loss or gradient of
-ours distinguishes from 0 at the tolerances the reference is held to). The logarithm and
-the exponential in base 2 let callers fold log2(e) into constants they already multiply by.
+``lg2.approx.ftz`` and ``rcp.approx.ftz`` instead: relative error about 2^-22 for ex2
+and rcp, but an *absolute* error of about 2^-22 for lg2 (so log(1 + e) for a small e
+must not come from it: see triton_multilabel._log1p_of_unit), and subnormal results
+flushed to zero (a value below 1.2e-38 that no loss or gradient of ours distinguishes
+from 0 at the tolerances the reference is held to). The logarithm and the exponential in
+base 2 let callers fold log2(e) into constants they already multiply by. ``mul_rn`` is a
+multiply the compiler may not fuse into an FMA (see its docstring).
 
 Under the Triton interpreter (CPU tests) inline assembly cannot run: the same functions
 are the exact ``tl.math`` ones there. ``HARDWARE`` is fixed when this module is imported,
