@@ -243,6 +243,24 @@ def assert_close_rows(actual, expected, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+def _compare_chunks(name, logits, tensors, reduction, loss, grad, chunk_upstream):
+    """The reference's "none" loss on slices of CHUNK rows, its gradient for
+    ``chunk_upstream(rows, ref_rows)`` compared with ``grad`` (and each row's loss with
+    ``loss`` for "none"); returns the float64 sum of the reference's row losses."""
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for start in range(0, logits.shape[0], CHUNK):
+        rows = slice(start, start + CHUNK)
+        part = {key: value[rows] for key, value in tensors.items()}
+        leaf = logits[rows].detach().clone().requires_grad_(True)
+        ref_rows = loss_call(name, part, "none", None)(leaf)
+        (ref_grad,) = torch.autograd.grad(ref_rows, leaf, chunk_upstream(rows, ref_rows))
+        assert_close_rows(grad[rows], ref_grad, f"gradient, rows {start}..")
+        if reduction == "none":
+            assert_close_rows(loss[rows], ref_rows.detach(), f"loss, rows {start}..")
+        total += ref_rows.detach().double().sum()
+    return total
+
+
 def _chunked_reference_softmax(name, logits, tensors, reduction, upstream, loss, grad):
     """Compares the kernel's loss and gradient with the reference on slices of CHUNK rows."""
     full_args = {
@@ -259,17 +277,8 @@ def _chunked_reference_softmax(name, logits, tensors, reduction, upstream, loss,
             focus="ref_correct", scale_by_tau_sq=False, ignore_index=-100, reduction=reduction),
     }[name]()
     g_rows = row_upstream(full_args, upstream)  # (N,): what each row's gradient is multiplied by
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for start in range(0, logits.shape[0], CHUNK):
-        rows = slice(start, start + CHUNK)
-        part = {key: value[rows] for key, value in tensors.items()}
-        leaf = logits[rows].detach().clone().requires_grad_(True)
-        ref_rows = loss_call(name, part, "none", None)(leaf)
-        (ref_grad,) = torch.autograd.grad(ref_rows, leaf, g_rows[rows].to(ref_rows.dtype))
-        assert_close_rows(grad[rows], ref_grad, f"gradient, rows {start}..")
-        if reduction == "none":
-            assert_close_rows(loss[rows], ref_rows.detach(), f"loss, rows {start}..")
-        total += ref_rows.detach().double().sum()
+    total = _compare_chunks(name, logits, tensors, reduction, loss, grad,
+                            lambda rows, ref: g_rows[rows].to(ref.dtype))
     if reduction != "none":
         if reduction == "mean":
             total /= max(int((tensors["target"] != -100).sum()), 1)
@@ -279,18 +288,11 @@ def _chunked_reference_softmax(name, logits, tensors, reduction, upstream, loss,
 def _chunked_reference_multilabel(name, logits, tensors, reduction, upstream, loss, grad):
     numel = logits.numel()
     scale = 1.0 / numel if reduction == "mean" else 1.0
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for start in range(0, logits.shape[0], CHUNK):
-        rows = slice(start, start + CHUNK)
-        part = {key: value[rows] for key, value in tensors.items()}
-        leaf = logits[rows].detach().clone().requires_grad_(True)
-        ref = loss_call(name, part, "none", None)(leaf)
-        g = upstream[rows] if reduction == "none" else torch.full_like(ref, float(upstream) * scale)
-        (ref_grad,) = torch.autograd.grad(ref, leaf, g)
-        assert_close_rows(grad[rows], ref_grad, f"gradient, rows {start}..")
-        if reduction == "none":
-            assert_close_rows(loss[rows], ref.detach(), f"loss, rows {start}..")
-        total += ref.detach().double().sum()
+
+    def chunk_upstream(rows, ref):
+        return upstream[rows] if reduction == "none" else torch.full_like(ref, float(upstream) * scale)
+
+    total = _compare_chunks(name, logits, tensors, reduction, loss, grad, chunk_upstream)
     if reduction != "none":
         assert_close_rows(loss, (total * scale).to(loss.dtype), "reduced loss")
 
