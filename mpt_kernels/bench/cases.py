@@ -26,6 +26,7 @@ ALPHA, BETA = 1.0, 5.0
 SPLC_EPOCH = 1  # >= change_epoch: the loss correction is active
 POSITIVE_RATE = 0.1  # fraction of positive labels in the multi-label targets
 IGNORE_INDEX = -100
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the logits' dtypes by name
 
 
 def old_classes(num_classes: int) -> int:

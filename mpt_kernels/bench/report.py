@@ -68,9 +68,6 @@ def annotate(doc: dict) -> None:
         cell["check"] = "ok" if worst <= TOLERANCE.get(cell["dtype"], 1e-2) else "mismatch"
 
 
-ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-
 def rederive_bytes(doc: dict) -> int:
     """Recomputes each measured cell's minimum bytes from its shape, dtype, mode and the
     target bytes the run recorded, with this version's formulas (``cases.py``); where they
@@ -78,14 +75,14 @@ def rederive_bytes(doc: dict) -> int:
     Runs made before this function existed (2026-11-22) planned the multi-label cells with targets as
     wide as the logits while the inputs were bool. Returns how many cells changed, and
     notes it in the document."""
-    from .cases import CASES
+    from .cases import CASES, DTYPES
 
     changed = 0
     for cell in doc["cells"]:
         t = cell.get("target_element_bytes")
         if not _ok(cell) or t is None or cell["loss"] not in CASES:
             continue
-        right = CASES[cell["loss"]].min_bytes(cell["n"], cell["c"], cell["k"], ELEMENT_BYTES[cell["dtype"]], t,
+        right = CASES[cell["loss"]].min_bytes(cell["n"], cell["c"], cell["k"], DTYPES[cell["dtype"]].itemsize, t,
                                               cell["mode"] == "fwd+bwd")
         if right != cell["min_bytes"]:
             factor = right / cell["min_bytes"]

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from . import environment, providers, report
-from .cases import CASES, LossCase, input_bytes, old_classes, planned_input_bytes, planned_target_bytes, target_bytes
+from .cases import (CASES, DTYPES, LossCase, input_bytes, old_classes, planned_input_bytes, planned_target_bytes,
+                    target_bytes)
 from .plan import OVERRUN_FACTOR, Cell, Planner
 from .timing import copy_bandwidth, make_clock, measure
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "fwd+bwd")
 
 SWEEPS = {
@@ -185,9 +185,8 @@ class Sweep:
                                             case, n, c, dtype_name, mode, provider,
                                             status="skipped", skip="n/a", reason=why_not))
                                         continue
-                                    logit_bytes = torch.empty((), dtype=dtype).element_size()
                                     t = planned_target_bytes(case, dtype)
-                                    min_bytes = case.min_bytes(n, c, old_classes(c), logit_bytes, t, mode == "fwd+bwd")
+                                    min_bytes = case.min_bytes(n, c, old_classes(c), dtype.itemsize, t, mode == "fwd+bwd")
                                     runnable.append(Cell(case_name, n, c, dtype_name, mode, provider, min_bytes))
         return runnable, not_applicable
 
