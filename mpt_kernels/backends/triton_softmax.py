@@ -30,13 +30,12 @@ Where the gradient is made: in the forward, for an upstream gradient of 1. The i
 are swept twice either way (no ``dL/dz_ij`` is known before the row's statistics are
 complete); in the forward the second sweep follows the first in the same program and
 is served by L2 while the rows in flight fit there (rows in flight x ``s·C·bytes`` for
-``s`` input streams against the H200's 50 MB: with the 64-register cap up to 4 programs,
-so rows, per SM, 528 rows; at C = 131072 the second sweep reads DRAM again, which caps
-``mpt_loss`` with both sources near 58% of the copy bandwidth: the H200 run measured
-54-56%), so a plain
-``loss.backward()`` costs nothing more (measured on the H200, N = 4096, bf16: the backward
-kernel for an upstream of 1 ran about 5 µs against 0.12-1.7 ms for the forward that wrote
-the gradient, C = 8192 to 131072). The backward
+``s`` input streams, against the H200's 50 MB; with the 64-register cap up to 4 programs,
+so rows, per SM: 528 rows). At C = 131072 the second sweep reads DRAM again, which caps
+``mpt_loss`` with both sources near 58% of the copy bandwidth (the H200 run measured
+54-56%). A plain ``loss.backward()`` costs nothing more (measured on the H200, N = 4096,
+bf16, C = 8192 to 131072: the backward kernel for an upstream of 1 ran about 5 µs against
+0.12-1.7 ms for the forward that wrote the gradient). The backward
 kernel reads the upstream gradient on the device and returns at once where it is 1 (per
 row for ``"none"``) or the row is ignored; elsewhere it reruns ``_gradient_sweep`` from
 the inputs and the saved statistics with the upstream multiplied in in float32, and

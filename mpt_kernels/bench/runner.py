@@ -175,6 +175,7 @@ class Sweep:
                 case = CASES[case_name]
                 for dtype_name in s["dtypes"]:
                     dtype = DTYPES[dtype_name]
+                    t = planned_target_bytes(case, dtype)
                     for n in s["n"]:
                         for c in s["c"]:
                             for mode in s["modes"]:
@@ -185,7 +186,6 @@ class Sweep:
                                             case, n, c, dtype_name, mode, provider,
                                             status="skipped", skip="n/a", reason=why_not))
                                         continue
-                                    t = planned_target_bytes(case, dtype)
                                     min_bytes = case.min_bytes(n, c, old_classes(c), dtype.itemsize, t, mode == "fwd+bwd")
                                     runnable.append(Cell(case_name, n, c, dtype_name, mode, provider, min_bytes))
         return runnable, not_applicable
