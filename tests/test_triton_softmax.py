@@ -590,13 +590,13 @@ FLOATS = ["new_class_bias", "label_smoothing", "inv_tau", "kl_scale", "alpha", "
 ALL_ON = dict(HAS_CE=True, HAS_OLD=True, HAS_NEW=True, IS_KL=True, FOCUS_REF=True, FOCUS_STUDENT=True,
               BIAS=TS.BIAS_VECTOR, MEAN=True, WRITE_GRAD=True)
 BACKWARD_CONSTEXPRS = ("HAS_CE", "HAS_OLD", "HAS_NEW", "IS_KL", "BIAS", "BLOCK_C")
-for dtype, target, changes, classes, streams in [
-    ("fp16", "i64", {}, 131072, 3),
-    ("bf16", "i32", dict(IS_KL=False, FOCUS_REF=False, BIAS=TS.BIAS_NEW_CLASSES, MEAN=False), 32768, 3),
-    ("fp32", "i64", dict(HAS_OLD=False, HAS_NEW=False), 131072, 1),
-    ("bf16", "i64", dict(HAS_CE=False, HAS_NEW=False, BIAS=TS.BIAS_NONE, WRITE_GRAD=False), 1000, 2),
+for dtype, target, changes, classes in [
+    ("fp16", "i64", {}, 131072),
+    ("bf16", "i32", dict(IS_KL=False, FOCUS_REF=False, BIAS=TS.BIAS_NEW_CLASSES, MEAN=False), 32768),
+    ("fp32", "i64", dict(HAS_OLD=False, HAS_NEW=False), 131072),
+    ("bf16", "i64", dict(HAS_CE=False, HAS_NEW=False, BIAS=TS.BIAS_NONE, WRITE_GRAD=False), 1000),
 ]:
-    block, num_warps = TS._launch_config(classes, streams, 4 if dtype == "fp32" else 2)
+    block, num_warps = TS._launch_config(classes, 4 if dtype == "fp32" else 2)
     cap = {} if TS.MAX_REGISTERS is None else {"maxnreg": TS.MAX_REGISTERS}  # as the launcher does
     types = dict(z_ptr="*" + dtype, old_ptr="*" + dtype, new_ptr="*" + dtype, grad_ptr="*" + dtype,
                  upstream_ptr="*" + dtype, target_ptr="*" + target, bias_ptr="*fp64", rows_ptr="*fp32",

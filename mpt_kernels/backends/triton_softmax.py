@@ -579,11 +579,11 @@ def _inverse_count_kernel(target_ptr, target_stride, num_rows, ignore_index, out
 MAX_REGISTERS = 64
 
 
-def _launch_config(num_classes: int, num_streams: int, element_size: int = 2) -> tuple[int, int]:
+def _launch_config(num_classes: int, element_size: int) -> tuple[int, int]:
     """(BLOCK_C, num_warps): one 16-byte vector per thread and stream per block, up to 8
     warps (2048 classes in 16-bit, 1024 in float32); a smaller block for a smaller row.
-    (``num_streams`` no longer changes it: the running statistics are per thread, so the
-    registers do not grow with the block.)"""
+    The number of input streams does not change it: the running statistics are per
+    thread, so the registers do not grow with the block."""
     vec = 16 // element_size
     if block_size_override is not None:
         block = block_size_override
@@ -654,7 +654,7 @@ class _Plan:
         # The kernels sweep the classes < split (the old source's, without the bias b) and
         # the rest in two loops; without an old source or b one loop does (split = 0).
         split = args.num_old_classes if (has_old or bias_mode == BIAS_NEW_CLASSES) else 0
-        block, num_warps = _launch_config(num_classes, 1 + has_old + has_new, args.logits.element_size())
+        block, num_warps = _launch_config(num_classes, args.logits.element_size())
         return _Plan(has_ce, has_old, has_new, args.kind == "kl", num_read, split, bias_mode, block, num_warps)
 
     def constexprs(self) -> dict:
