@@ -34,53 +34,113 @@ MPT_HD bool is_nan(float x) { return x != x; }
 // max that keeps a NaN (fmaxf would drop it, and a NaN logit must give a NaN loss)
 MPT_HD float nan_max(float a, float b) { return (a > b || is_nan(a)) ? a : b; }
 
-// --------------------------------------------------------------------------- sigmoid forms
-// log σ(x) = min(x, 0) - log1p(exp(-|x|)): finite for every finite x (never log(σ(x))).
-MPT_HD float log_sigmoid(float x) { return fminf(x, 0.0f) - log1pf(expf(-fabsf(x))); }
+// --------------------------------------------------------------------------- fast primitives
+// On the GPU each is one MUFU instruction, the bare approximation (relative error about
+// 2^-22, subnormal results flushed to zero) without the range and subnormal handling that
+// expf and an IEEE division wrap around it: in the elementwise kernels that wrapping was
+// most of the instructions per element. On the host they are the exact libm operations.
+// The Triton kernels use the same instructions (backends/triton_fastmath.py).
+constexpr float kLog2e = 1.4426950408889634f;
 
-MPT_HD float sigmoid(float x) {
-  const float e = expf(-fabsf(x));
-  const float r = 1.0f / (1.0f + e);
-  return x >= 0.0f ? r : e * r;
+MPT_HD float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
 }
 
-// base^γ from log(base), as the reference computes it: smooth also where base underflows
-MPT_HD float focal_factor(float log_base, float gamma) { return expf(gamma * log_base); }
+MPT_HD float fast_reciprocal(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.0f / x;
+#endif
+}
+
+// --------------------------------------------------------------------------- sigmoid forms
+// log(1 + e) for e in [0, 1], to a few float32 ulps relative, also for tiny e: 2 atanh(u)
+// with u = e / (2 + e) in [0, 1/3] and the odd series of atanh to u^13 (its remainder is
+// under 2^-24 of the sum there). No logarithm: the hardware lg2's error is absolute (about
+// 2^-22), a large relative error in log1p(e) for a small e (an H200 run found a float32
+// SPLC gradient 6e-5 off that way in the Triton kernel, which uses this same series).
+MPT_HD float log1p_of_unit(float e) {
+  const float u = e * fast_reciprocal(2.0f + e);
+  const float u2 = u * u;
+  float series = (1.0f / 13.0f) * u2 + (1.0f / 11.0f);
+  series = series * u2 + (1.0f / 9.0f);
+  series = series * u2 + (1.0f / 7.0f);
+  series = series * u2 + (1.0f / 5.0f);
+  series = series * u2 + (1.0f / 3.0f);
+  series = series * u2 + 1.0f;
+  return 2.0f * u * series;
+}
+
+// σ(s), 1 - σ(s) (as σ(-s), not 1 - σ(s)), log σ(s) and log(1 - σ(s)) from one
+// exponential and two reciprocals. log σ(s) = min(s, 0) - log1p(exp(-|s|)): finite for
+// every finite s (never log(σ(s)), which is -inf once σ(s) underflows); a NaN s gives NaN.
+struct SigmoidForms {
+  float p;
+  float one_minus_p;
+  float log_p;
+  float log_one_minus_p;
+};
+
+MPT_HD SigmoidForms sigmoid_forms(float s) {
+  const float e = fast_exp2(-fabsf(s) * kLog2e);  // exp(-|s|), in [0, 1]
+  const float sigmoid_of_abs = fast_reciprocal(1.0f + e);
+  const float sigmoid_of_minus_abs = e * sigmoid_of_abs;
+  const float softplus_of_minus_abs = log1p_of_unit(e);
+  const bool nonnegative = s >= 0.0f;
+  return {nonnegative ? sigmoid_of_abs : sigmoid_of_minus_abs,
+          nonnegative ? sigmoid_of_minus_abs : sigmoid_of_abs,
+          fminf(s, 0.0f) - softplus_of_minus_abs,
+          fminf(-s, 0.0f) - softplus_of_minus_abs};
+}
+
+// The same forms for s -> -s: σ(-s) and log σ(-s) trade places with their complements.
+MPT_HD SigmoidForms mirrored(const SigmoidForms& f) {
+  return {f.one_minus_p, f.p, f.log_one_minus_p, f.log_p};
+}
+
+MPT_HD float log_sigmoid(float x) { return sigmoid_forms(x).log_p; }
+MPT_HD float sigmoid(float x) { return sigmoid_forms(x).p; }
 
 // --------------------------------------------------------------------------- multi-label elements
 struct LossAndGrad {
   float loss;
-  float grad;  // ∂loss/∂x
+  float grad;  // ∂loss/∂s
 };
+
+// ℓ = -(1 - p)^γ log p and ∂ℓ/∂s = (1 - p)^γ (γ p log p - (1 - p)), p = σ(s): the positive
+// term of both losses. The focal factor is differentiated (spec §4) and computed as
+// exp(γ log(1 - p)), smooth also where 1 - p underflows. Mirrored (s -> -s, which negates
+// the derivative) it is SPLC's negative term.
+MPT_HD LossAndGrad focal_positive(const SigmoidForms& f, float gamma) {
+  const float focal = fast_exp2((gamma * kLog2e) * f.log_one_minus_p);
+  return {-focal * f.log_p, focal * (gamma * f.p * f.log_p - f.one_minus_p)};
+}
 
 // Hill (spec §4). positive: -(1-q)^γ log q, q = σ(x - m); negative: (λ - p) p², p = σ(x)
 MPT_HD LossAndGrad hill_element(float x, bool positive, float lamb, float margin, float gamma) {
-  if (positive) {
-    const float shifted = x - margin;
-    const float log_q = log_sigmoid(shifted);
-    const float focal = focal_factor(log_sigmoid(-shifted), gamma);  // (1 - q)^γ
-    const float q = sigmoid(shifted);
-    return {-focal * log_q, focal * (gamma * q * log_q - sigmoid(-shifted))};
-  }
-  const float p = sigmoid(x);
-  return {(lamb - p) * p * p, (2.0f * lamb * p - 3.0f * p * p) * p * (1.0f - p)};
+  const SigmoidForms f = sigmoid_forms(positive ? x - margin : x);
+  if (positive) return focal_positive(f, gamma);
+  const float p = f.p;
+  return {(lamb - p) * p * p, (2.0f * lamb * p - 3.0f * p * p) * p * f.one_minus_p};
 }
 
 // SPLC (spec §5). The margin follows the original label; from change_epoch on
 // (`correct_negatives`) a negative with σ(x) > τ counts as positive, a hard decision.
 MPT_HD LossAndGrad splc_element(float x, bool positive, bool correct_negatives, float tau,
                                 float margin, float gamma) {
-  const float shifted = positive ? x - margin : x;
-  const float p = sigmoid(shifted);
-  const float one_minus_p = sigmoid(-shifted);
-  const float log_p = log_sigmoid(shifted);
-  const float log_one_minus_p = log_sigmoid(-shifted);
-  if (positive || (correct_negatives && p > tau)) {
-    const float focal = focal_factor(log_one_minus_p, gamma);  // (1 - p)^γ
-    return {-focal * log_p, focal * (gamma * p * log_p - one_minus_p)};
-  }
-  const float focal = focal_factor(log_p, gamma);  // p^γ
-  return {-focal * log_one_minus_p, focal * (p - gamma * one_minus_p * log_one_minus_p)};
+  const SigmoidForms f = sigmoid_forms(positive ? x - margin : x);
+  if (positive || (correct_negatives && f.p > tau)) return focal_positive(f, gamma);
+  const LossAndGrad mirror = focal_positive(mirrored(f), gamma);  // -p^γ log(1 - p)
+  return {mirror.loss, -mirror.grad};
 }
 
 struct MultilabelParams {

@@ -71,14 +71,11 @@ __global__ void __launch_bounds__(kElementwiseThreads) multilabel_loss_kernel(co
     load_elements<D, TD, VEC>(a, w.row, col0, x, positive);
     float loss[VEC], grad[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      loss[e] = grad[e] = 0.0f;
-      if (col0 + e < C) {
-        const LossAndGrad r = multilabel_element(x[e], positive[e], a.math);
-        loss[e] = r.loss;
-        grad[e] = multilabel_gradient(r, a.grad_scale, 1.0f);
-        acc += r.loss;
-      }
+    for (int e = 0; e < VEC; ++e) {  // a tail unit's columns >= C read 0 and are not summed or stored
+      const LossAndGrad r = multilabel_element(x[e], positive[e], a.math);
+      loss[e] = col0 + e < C ? r.loss : 0.0f;
+      grad[e] = multilabel_gradient(r, a.grad_scale, 1.0f);
+      acc += loss[e];
     }
     if (a.out != nullptr) store_slot<D, VEC>(static_cast<S*>(a.out) + w.row * C, col0, C, a.vec_out, loss);
     if (a.grad != nullptr) store_slot<D, VEC>(static_cast<S*>(a.grad) + w.row * C, col0, C, a.vec_grad, grad);

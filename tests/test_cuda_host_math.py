@@ -66,8 +66,15 @@ def test_log_sigmoid_and_sigmoid_are_finite_and_exact_at_extremes():
     x64 = x.double()
     log_sigmoid = _host_unary(_C.host_log_sigmoid, x)
     sigmoid = _host_unary(_C.host_sigmoid, x)
-    torch.testing.assert_close(log_sigmoid.double(), torch.nn.functional.logsigmoid(x64), rtol=2e-7, atol=1e-30)
-    torch.testing.assert_close(sigmoid.double(), torch.sigmoid(x64), rtol=2e-7, atol=1e-38)
+    # exp(-|x|) is exp2 of the float32 product -|x|·log2(e), whose rounding is a relative
+    # error of up to |x|·log2(e)·2^-24 in exp(-|x|) (as in the Triton kernels); beyond that
+    # a few ulps from the log1p series and the reciprocals
+    bound = 4e-7 + x64.abs() * 1.4427 * 2.0**-24
+    for actual, expected, tiny in ((log_sigmoid, torch.nn.functional.logsigmoid(x64), 1e-30),
+                                   (sigmoid, torch.sigmoid(x64), 1e-38)):
+        error = (actual.double() - expected).abs()
+        within = (actual.double() == expected) | (error <= bound * expected.abs() + tiny)
+        assert bool(within.all()), (x[~within], actual[~within], expected[~within])
     finite = torch.isfinite(x)
     assert torch.isfinite(log_sigmoid[finite]).all()  # never log(σ(x)) = log(0)
     assert log_sigmoid[x == -1e4].item() == -1e4
