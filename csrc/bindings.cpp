@@ -71,8 +71,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("lamb", &MultilabelParams::lamb)
       .def_readwrite("margin", &MultilabelParams::margin)
       .def_readwrite("gamma", &MultilabelParams::gamma)
-      .def_readwrite("tau", &MultilabelParams::tau)
-      .def_readwrite("correct_negatives", &MultilabelParams::correct_negatives);
+      .def_readwrite("flip_logit", &MultilabelParams::flip_logit);
 
   py::class_<SoftmaxInputs>(m, "SoftmaxInputs", "What a softmax-family loss's forward and backward read.")
       .def(py::init([]() { return SoftmaxInputs{}; }))

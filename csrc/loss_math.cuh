@@ -81,8 +81,9 @@ MPT_HD float log1p_of_unit(float e) {
 }
 
 // σ(s), 1 - σ(s) (as σ(-s), not 1 - σ(s)), log σ(s) and log(1 - σ(s)) from one
-// exponential and two reciprocals. log σ(s) = min(s, 0) - log1p(exp(-|s|)): finite for
-// every finite s (never log(σ(s)), which is -inf once σ(s) underflows); a NaN s gives NaN.
+// exponential and two reciprocals: log σ(|s|) = -log1p(exp(-|s|)) and log σ(-|s|) =
+// log σ(|s|) - |s|, finite for every finite s (never log(σ(s)), which is -inf once σ(s)
+// underflows); a NaN s gives NaN.
 struct SigmoidForms {
   float p;
   float one_minus_p;
@@ -91,20 +92,16 @@ struct SigmoidForms {
 };
 
 MPT_HD SigmoidForms sigmoid_forms(float s) {
-  const float e = fast_exp2(-fabsf(s) * kLog2e);  // exp(-|s|), in [0, 1]
+  const float e = fast_exp2(fabsf(s) * -kLog2e);  // exp(-|s|), in [0, 1]
   const float sigmoid_of_abs = fast_reciprocal(1.0f + e);
   const float sigmoid_of_minus_abs = e * sigmoid_of_abs;
-  const float softplus_of_minus_abs = log1p_of_unit(e);
-  const bool nonnegative = s >= 0.0f;
+  const float log_sigmoid_of_abs = -log1p_of_unit(e);
+  const float log_sigmoid_of_minus_abs = log_sigmoid_of_abs - fabsf(s);
+  const bool nonnegative = s >= 0.0f;  // which of each pair is p's and which 1 - p's
   return {nonnegative ? sigmoid_of_abs : sigmoid_of_minus_abs,
           nonnegative ? sigmoid_of_minus_abs : sigmoid_of_abs,
-          fminf(s, 0.0f) - softplus_of_minus_abs,
-          fminf(-s, 0.0f) - softplus_of_minus_abs};
-}
-
-// The same forms for s -> -s: σ(-s) and log σ(-s) trade places with their complements.
-MPT_HD SigmoidForms mirrored(const SigmoidForms& f) {
-  return {f.one_minus_p, f.p, f.log_one_minus_p, f.log_p};
+          nonnegative ? log_sigmoid_of_abs : log_sigmoid_of_minus_abs,
+          nonnegative ? log_sigmoid_of_minus_abs : log_sigmoid_of_abs};
 }
 
 MPT_HD float log_sigmoid(float x) { return sigmoid_forms(x).log_p; }
@@ -121,26 +118,30 @@ struct LossAndGrad {
 // exp(γ log(1 - p)), smooth also where 1 - p underflows. Mirrored (s -> -s, which negates
 // the derivative) it is SPLC's negative term.
 MPT_HD LossAndGrad focal_positive(const SigmoidForms& f, float gamma) {
-  const float focal = fast_exp2((gamma * kLog2e) * f.log_one_minus_p);
+  const float focal = fast_exp2((gamma * kLog2e) * f.log_one_minus_p);  // γ·log2(e): hoisted out of loops
   return {-focal * f.log_p, focal * (gamma * f.p * f.log_p - f.one_minus_p)};
 }
 
-// Hill (spec §4). positive: -(1-q)^γ log q, q = σ(x - m); negative: (λ - p) p², p = σ(x)
+// Hill (spec §4). positive: -(1-q)^γ log q, q = σ(x - m); negative: (λ - p) p², p = σ(x),
+// with ∂/∂x = (2λ - 3p) p² (1 - p)
 MPT_HD LossAndGrad hill_element(float x, bool positive, float lamb, float margin, float gamma) {
   const SigmoidForms f = sigmoid_forms(positive ? x - margin : x);
   if (positive) return focal_positive(f, gamma);
   const float p = f.p;
-  return {(lamb - p) * p * p, (2.0f * lamb * p - 3.0f * p * p) * p * f.one_minus_p};
+  const float p_squared = p * p;
+  return {(lamb - p) * p_squared, (2.0f * lamb - 3.0f * p) * p_squared * f.one_minus_p};
 }
 
-// SPLC (spec §5). The margin follows the original label; from change_epoch on
-// (`correct_negatives`) a negative with σ(x) > τ counts as positive, a hard decision.
-MPT_HD LossAndGrad splc_element(float x, bool positive, bool correct_negatives, float tau,
-                                float margin, float gamma) {
-  const SigmoidForms f = sigmoid_forms(positive ? x - margin : x);
-  if (positive || (correct_negatives && f.p > tau)) return focal_positive(f, gamma);
-  const LossAndGrad mirror = focal_positive(mirrored(f), gamma);  // -p^γ log(1 - p)
-  return {mirror.loss, -mirror.grad};
+// SPLC (spec §5). The margin follows the original label; from change_epoch on a negative
+// with σ(x) > τ, that is x > logit(τ), counts as positive: a hard decision, taken on the
+// logit (flip_logit: _validation.splc_flip_logit, +inf before change_epoch) so that it
+// does not depend on how σ is approximated. t' = 0 is the positive term at -x (the focal
+// term of σ(-x) = 1 - p, -p^γ log(1 - p)) with the derivative negated.
+MPT_HD LossAndGrad splc_element(float x, bool positive, float flip_logit, float margin, float gamma) {
+  const float shifted = positive ? x - margin : x;
+  const bool as_positive = positive || shifted > flip_logit;
+  const LossAndGrad r = focal_positive(sigmoid_forms(as_positive ? shifted : -shifted), gamma);
+  return {r.loss, as_positive ? r.grad : -r.grad};
 }
 
 struct MultilabelParams {
@@ -148,12 +149,11 @@ struct MultilabelParams {
   float lamb;              // Hill
   float margin;
   float gamma;
-  float tau;               // SPLC threshold
-  bool correct_negatives;  // SPLC: epoch >= change_epoch
+  float flip_logit;        // SPLC: a negative with x > flip_logit counts as positive
 };
 
 MPT_HD LossAndGrad multilabel_element(float x, bool positive, const MultilabelParams& p) {
-  return p.splc ? splc_element(x, positive, p.correct_negatives, p.tau, p.margin, p.gamma)
+  return p.splc ? splc_element(x, positive, p.flip_logit, p.margin, p.gamma)
                 : hill_element(x, positive, p.lamb, p.margin, p.gamma);
 }
 

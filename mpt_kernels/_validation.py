@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import struct
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -375,3 +376,24 @@ def check_splc(logits, targets, *, epoch, tau, change_epoch, margin, gamma, redu
         change_epoch=check_int("change_epoch", change_epoch),
         reduction=check_choice("reduction", reduction, MULTILABEL_REDUCTIONS),
     )
+
+
+def splc_flip_logit(args: MultiLabelLossArgs) -> float:
+    """SPLC's correction (spec §5) as a threshold on the logit, for the kernels: a negative
+    counts as positive where x > flip_logit, which is σ(x) > τ (σ is increasing) decided
+    without rounding σ, so the decision does not depend on how a kernel approximates σ.
+    It is the largest float32 at most logit(τ) (a float32 x exceeds it exactly when x
+    exceeds logit(τ)); +inf, never, before ``change_epoch``, for Hill and for τ = 1.
+    The epoch reaches the kernels only through this float: a new epoch compiles nothing."""
+    if args.loss != "splc" or args.epoch < args.change_epoch or args.tau >= 1.0:
+        return math.inf
+    if args.tau <= 0.0:
+        return -math.inf
+    exact = math.log(args.tau) - math.log1p(-args.tau)
+    nearest = struct.unpack("<f", struct.pack("<f", exact))[0]
+    if nearest <= exact:
+        return nearest
+    bits = struct.unpack("<I", struct.pack("<f", nearest))[0]  # the next float32 towards -inf
+    below = bits - 1 if nearest > 0.0 else (bits + 1 if nearest < 0.0 else 0x80000001)
+    return struct.unpack("<f", struct.pack("<I", below))[0]
+

@@ -157,7 +157,7 @@ def test_splc_elements_match_reference(gamma, epoch, change_epoch, tau, margin):
         )
 
     args = args_of(x.reshape(1, -1), positive.reshape(1, -1))
-    assert cuda_backend.multilabel_params(args).correct_negatives == (epoch >= change_epoch)
+    assert (cuda_backend.multilabel_params(args).flip_logit < math.inf) == (epoch >= change_epoch)
     host = _host_multilabel(args, x, positive)
     expected = _reference_elements(args_of, x, positive)
     _assert_elements_close(host, expected)
@@ -742,7 +742,7 @@ def test_kernel_input_records_and_saved_state():
     ml_args = check_splc(x, targets, epoch=3, tau=0.6, change_epoch=1, margin=1.0, gamma=2.0, reduction="mean")
     ml_inputs, _ = cuda_backend.multilabel_inputs(ml_args)
     assert ml_inputs.grad_scale == pytest.approx(1 / 60) and ml_inputs.target_dtype == _C.DTYPES["bool"]
-    assert ml_inputs.math.splc and ml_inputs.math.correct_negatives and ml_inputs.num_cols == 10
+    assert ml_inputs.math.splc and ml_inputs.math.flip_logit < math.inf and ml_inputs.num_cols == 10
 
 
 @needs_extension

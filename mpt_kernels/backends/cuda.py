@@ -30,7 +30,7 @@ import torch
 
 from .._custom_op import define_loss_ops
 from .._registry import Backend, register_backend
-from .._validation import HALF_AND_SINGLE, MultiLabelLossArgs, SoftmaxLossArgs, check_target_values
+from .._validation import HALF_AND_SINGLE, MultiLabelLossArgs, SoftmaxLossArgs, check_target_values, splc_flip_logit
 
 try:
     _C = importlib.import_module("._C", __package__.rpartition(".")[0])  # mpt_kernels._C
@@ -190,8 +190,7 @@ def multilabel_params(args: MultiLabelLossArgs):
     math.lamb = args.lamb
     math.margin = args.margin
     math.gamma = args.gamma
-    math.tau = args.tau
-    math.correct_negatives = args.epoch >= args.change_epoch
+    math.flip_logit = splc_flip_logit(args)
     return math
 
 

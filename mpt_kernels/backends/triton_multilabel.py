@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from .._custom_op import define_loss_ops
+from .._validation import splc_flip_logit
 from . import triton_fastmath as fm
 
 # --------------------------------------------------------------------------- launch shapes
@@ -109,30 +110,32 @@ def _log1p_of_unit(e):
 def _sigmoid_and_log_sigmoids(s):
     """p = σ(s), 1 - p, log p and log(1 - p), from one exp and two reciprocals.
 
-    log σ(s) = min(s, 0) - log1p(exp(-|s|)): finite for any finite s (never log(σ(s)),
-    which is -inf once σ(s) underflows); 1 - p is computed as σ(-s), not 1 - σ(s).
+    log σ(|s|) = -log1p(exp(-|s|)) and log σ(-|s|) = log σ(|s|) - |s|: finite for any
+    finite s (never log(σ(s)), which is -inf once σ(s) underflows); 1 - p is computed as
+    σ(-s), not 1 - σ(s). The sign of s picks which of the pair is p's and which 1 - p's.
     """
-    e = fm.exp(-tl.abs(s))  # in [0, 1]
+    e = fm.exp2(tl.abs(s) * -fm.LOG2E)  # exp(-|s|), in [0, 1]
     sigmoid_of_abs = fm.reciprocal(1.0 + e)  # σ(|s|)
     sigmoid_of_minus_abs = e * sigmoid_of_abs  # σ(-|s|)
-    softplus_of_minus_abs = _log1p_of_unit(e)
+    log_sigmoid_of_abs = -_log1p_of_unit(e)  # log σ(|s|)
+    log_sigmoid_of_minus_abs = log_sigmoid_of_abs - tl.abs(s)  # log σ(-|s|)
     nonnegative = s >= 0.0
     p = tl.where(nonnegative, sigmoid_of_abs, sigmoid_of_minus_abs)
     one_minus_p = tl.where(nonnegative, sigmoid_of_minus_abs, sigmoid_of_abs)
-    log_p = tl.minimum(s, 0.0) - softplus_of_minus_abs
-    log_one_minus_p = tl.minimum(-s, 0.0) - softplus_of_minus_abs
+    log_p = tl.where(nonnegative, log_sigmoid_of_abs, log_sigmoid_of_minus_abs)
+    log_one_minus_p = tl.where(nonnegative, log_sigmoid_of_minus_abs, log_sigmoid_of_abs)
     return p, one_minus_p, log_p, log_one_minus_p
 
 
 @triton.jit
-def _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma):
+def _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma, gamma_log2e):
     """ℓ = -(1 - p)^γ log p and dℓ/ds = (1 - p)^γ (γ p log p - (1 - p)), p = σ(s).
 
     The focal factor is differentiated (spec §4) and computed as exp(γ log(1 - p)),
     smooth also where 1 - p underflows. Mirrored (s -> -s swaps p and 1 - p, and negates
     the derivative) it is SPLC's negative branch.
     """
-    focal = fm.exp(gamma * log_one_minus_p)
+    focal = fm.exp2(gamma_log2e * log_one_minus_p)  # gamma_log2e = γ·log2(e), from the host
     loss = -focal * log_p
     grad = focal * (gamma * p * log_p - one_minus_p)
     return loss, grad
@@ -140,34 +143,32 @@ def _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma):
 
 @triton.jit
 def _hill_negative(p, one_minus_p, lamb):
-    """ℓ = (λ - p) p² and dℓ/dx = (2λp - 3p²) p (1 - p), p = σ(x)."""
-    loss = (lamb - p) * p * p
-    grad = (2.0 * lamb * p - 3.0 * p * p) * p * one_minus_p
+    """ℓ = (λ - p) p² and dℓ/dx = (2λ - 3p) p² (1 - p), p = σ(x)."""
+    p_squared = p * p
+    loss = (lamb - p) * p_squared
+    grad = (2.0 * lamb - 3.0 * p) * p_squared * one_minus_p
     return loss, grad
 
 
 @triton.jit
-def _element_loss_and_grad(x, positive, lamb, margin, gamma, flip_threshold, IS_SPLC: tl.constexpr):
+def _element_loss_and_grad(x, positive, lamb, margin, gamma, gamma_log2e, flip_logit, IS_SPLC: tl.constexpr):
     """Each element's loss and dℓ/dx (float32), Hill or SPLC."""
-    # the margin follows the original label; σ and log-σ of the shifted logit
+    # the margin follows the original label
     shifted = tl.where(positive, x - margin, x)
-    p, one_minus_p, log_p, log_one_minus_p = _sigmoid_and_log_sigmoids(shifted)
     if IS_SPLC:
-        # SPLC (§5): from change_epoch on, a negative with σ(x) > τ counts as positive
-        # (flip_threshold > 1 before then: never). A hard decision: no gradient through it.
-        as_positive = positive | (p > flip_threshold)
-        # t' = 0 is the positive case mirrored: swap p <-> 1 - p, negate the derivative
-        loss, grad = _focal_positive(
-            tl.where(as_positive, p, one_minus_p),
-            tl.where(as_positive, one_minus_p, p),
-            tl.where(as_positive, log_p, log_one_minus_p),
-            tl.where(as_positive, log_one_minus_p, log_p),
-            gamma,
-        )
+        # SPLC (§5): from change_epoch on, a negative with σ(x) > τ, that is x > logit(τ),
+        # counts as positive (flip_logit = +inf before then: never). A hard decision: no
+        # gradient through it. t' = 0 is the positive case at -x: the focal term of
+        # σ(-x) = 1 - p, with the derivative negated.
+        as_positive = positive | (shifted > flip_logit)
+        signed = tl.where(as_positive, shifted, -shifted)
+        p, one_minus_p, log_p, log_one_minus_p = _sigmoid_and_log_sigmoids(signed)
+        loss, grad = _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma, gamma_log2e)
         grad = tl.where(as_positive, grad, -grad)
     else:
         # Hill (§4): focal positive at q = σ(x - m), Hill's quadratic negative at p = σ(x)
-        positive_loss, positive_grad = _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma)
+        p, one_minus_p, log_p, log_one_minus_p = _sigmoid_and_log_sigmoids(shifted)
+        positive_loss, positive_grad = _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma, gamma_log2e)
         negative_loss, negative_grad = _hill_negative(p, one_minus_p, lamb)
         loss = tl.where(positive, positive_loss, negative_loss)
         grad = tl.where(positive, positive_grad, negative_grad)
@@ -179,7 +180,7 @@ def _element_loss_and_grad(x, positive, lamb, margin, gamma, flip_threshold, IS_
 def _elements(
     logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
     logits_offsets, targets_offsets, upstream_offsets, out_offsets, mask, tile_index,
-    lamb, margin, gamma, flip_threshold, grad_scale,
+    lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
     IS_SPLC: tl.constexpr, MASKED: tl.constexpr,
     WRITE_ELEMENT_LOSS: tl.constexpr, WRITE_TILE_SUMS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     UPSTREAM_PER_ELEMENT: tl.constexpr,
@@ -192,7 +193,8 @@ def _elements(
     else:
         x = tl.load(logits_ptr + logits_offsets)
         t = tl.load(targets_ptr + targets_offsets)
-    loss, grad = _element_loss_and_grad(x.to(tl.float32), t > 0.5, lamb, margin, gamma, flip_threshold, IS_SPLC)
+    loss, grad = _element_loss_and_grad(x.to(tl.float32), t > 0.5, lamb, margin, gamma, gamma_log2e, flip_logit,
+                                        IS_SPLC)
 
     # ---- store
     if WRITE_ELEMENT_LOSS:
@@ -219,7 +221,7 @@ def _multilabel_kernel(
     stride_logits_row, stride_logits_col,
     stride_targets_row, stride_targets_col,
     stride_upstream_row, stride_upstream_col,
-    lamb, margin, gamma, flip_threshold, grad_scale,
+    lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
     IS_SPLC: tl.constexpr,
     WRITE_ELEMENT_LOSS: tl.constexpr,  # reduction "none": the (N, C) loss
     WRITE_TILE_SUMS: tl.constexpr,  # "sum"/"mean": one partial sum per program
@@ -255,12 +257,12 @@ def _multilabel_kernel(
         if start + BLOCK <= numel:
             _elements(logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
                       offsets, offsets, offsets, offsets, None, pid,
-                      lamb, margin, gamma, flip_threshold, grad_scale,
+                      lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
                       IS_SPLC, False, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
         else:
             _elements(logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
                       offsets, offsets, offsets, offsets, offsets < numel - start, pid,
-                      lamb, margin, gamma, flip_threshold, grad_scale,
+                      lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
                       IS_SPLC, True, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
     else:
         # Strided inputs: a [BLOCK_ROWS, BLOCK_COLS] tile, both strides of each tensor
@@ -277,7 +279,7 @@ def _multilabel_kernel(
                   rows * stride_upstream_row + cols * stride_upstream_col,
                   rows * n_cols + cols,  # the loss and gradient buffers are contiguous
                   mask, pid,
-                  lamb, margin, gamma, flip_threshold, grad_scale,
+                  lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
                   IS_SPLC, True, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
 
 
@@ -292,12 +294,6 @@ def _sum_tiles_kernel(partials_ptr, out_ptr, n_partials, scale, BLOCK: tl.conste
 
 
 # --------------------------------------------------------------------------- launchers
-def _flip_threshold(args) -> float:
-    """SPLC's τ while the correction is on; above any probability (never flips) before
-    change_epoch. The epoch enters the kernel only through this float: no recompile."""
-    return args.tau if args.epoch >= args.change_epoch else 2.0
-
-
 def _targets_for_kernel(targets: torch.Tensor) -> torch.Tensor:
     # Triton cannot load bool tensors; the same bytes as uint8 (0/1), no copy.
     return targets.view(torch.uint8) if targets.dtype == torch.bool else targets
@@ -338,7 +334,7 @@ def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, u
         n_rows, n_cols, logits.numel(),
         *logits.stride(), *targets.stride(),
         *(upstream.stride() if upstream is not None and upstream.dim() == 2 else (0, 0)),
-        args.lamb, args.margin, args.gamma, _flip_threshold(args), grad_scale,
+        args.lamb, args.margin, args.gamma, args.gamma * fm.LOG2E.value, splc_flip_logit(args), grad_scale,
         IS_SPLC=args.loss == "splc",
         WRITE_ELEMENT_LOSS=element_loss is not None,
         WRITE_TILE_SUMS=tile_sums is not None,
