@@ -78,11 +78,12 @@ def small_blocks(request, monkeypatch):
     tests, on more rows, keep the default blocks: the interpreter's time is per block)."""
     if not ON_GPU and "default_blocks" not in request.fixturenames:
         from mpt_kernels.backends import triton_multilabel as TM
+        from mpt_kernels.backends import triton_sum
         from mpt_kernels.backends import triton_softmax as TS
 
         monkeypatch.setattr(TS, "block_size_override", 16)
         monkeypatch.setattr(TM, "tile_shape", lambda n_rows, n_cols: (4, 16))
-        monkeypatch.setattr(TM, "FLAT_BLOCK", 16)
+        monkeypatch.setattr(triton_sum, "BLOCK", 16)
 
 
 def test_backends_under_test():

@@ -42,10 +42,11 @@ def small_blocks(monkeypatch):
     if not ON_GPU:
         from mpt_kernels.backends import triton_multilabel as TM
         from mpt_kernels.backends import triton_softmax as TS
+        from mpt_kernels.backends import triton_sum
 
         monkeypatch.setattr(TS, "block_size_override", 16)
         monkeypatch.setattr(TM, "tile_shape", lambda n_rows, n_cols: (2, 16))
-        monkeypatch.setattr(TM, "FLAT_BLOCK", 4)
+        monkeypatch.setattr(triton_sum, "BLOCK", 4)
 
 
 def softmax_inputs(n, c, k, dtype, seed=0):

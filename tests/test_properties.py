@@ -59,6 +59,7 @@ import mpt_kernels  # noqa: E402
 from mpt_kernels import reference as R  # noqa: E402
 from mpt_kernels._registry import registered_backends  # noqa: E402
 from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
+from mpt_kernels.backends import triton_sum  # noqa: E402
 from mpt_kernels.backends import triton_softmax as TS  # noqa: E402
 from spec_gradients import (  # noqa: E402
     class_offsets,
@@ -196,15 +197,15 @@ class SmallBlocks:
         self.enabled = enabled and not ON_GPU
 
     def __enter__(self):
-        self.saved = (TS.block_size_override, TM.tile_shape, TM.FLAT_BLOCK)
+        self.saved = (TS.block_size_override, TM.tile_shape, triton_sum.BLOCK)
         if self.enabled:
             TS.block_size_override = 16
             TM.tile_shape = lambda n_rows, n_cols: (2, 16)
-            TM.FLAT_BLOCK = 4
+            triton_sum.BLOCK = 4
         return self
 
     def __exit__(self, *exc):
-        TS.block_size_override, TM.tile_shape, TM.FLAT_BLOCK = self.saved
+        TS.block_size_override, TM.tile_shape, triton_sum.BLOCK = self.saved
         return False
 
 

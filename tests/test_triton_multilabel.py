@@ -31,6 +31,7 @@ import mpt_kernels  # noqa: E402
 from mpt_kernels import reference as R  # noqa: E402
 from mpt_kernels._validation import check_hill, check_splc, splc_flip_logit  # noqa: E402
 from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
+from mpt_kernels.backends import triton_sum  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,7 +49,7 @@ def small_blocks(request, monkeypatch):
     """Tiny tiles and flat blocks under the interpreter (not for the GPU tests)."""
     if request.node.get_closest_marker("gpu") is None and "default_blocks" not in request.node.name:
         monkeypatch.setattr(TM, "tile_shape", lambda n_rows, n_cols: (2, 16))
-        monkeypatch.setattr(TM, "FLAT_BLOCK", 4)
+        monkeypatch.setattr(triton_sum, "BLOCK", 4)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -502,7 +503,10 @@ for flat, splc, element_loss, tile_sums, grad, scalar, per_element in MODES:
     ex2, lg2, rcp = (len(re.findall(rf"MUFU\.{op}", sass)) for op in ("EX2", "LG2", "RCP"))
     assert 2 * elements <= ex2 <= 2 * elements + 2, (ex2, lg2, rcp)
     assert lg2 == 0 and rcp >= (2 if grad else 1) * elements, (ex2, lg2, rcp)
-compile_kernel(TM._sum_tiles_kernel, dict(partials_ptr="*fp32", out_ptr="*bf16", scale="fp32"), dict(BLOCK=4096), 8)
+from mpt_kernels.backends import triton_sum
+for device_scale in (False, True):
+    compile_kernel(triton_sum._scaled_sum_kernel, dict(partials_ptr="*fp32", out_ptr="*bf16", scale="fp32",
+                   scale_ptr="*fp32"), dict(HAS_DEVICE_SCALE=device_scale, BLOCK=triton_sum.BLOCK), 8)
 print("compiled")
 """
 
@@ -559,7 +563,7 @@ def test_gpu_extreme_and_deterministic(dtype):
 @pytest.mark.gpu
 def test_gpu_no_recompile_on_new_epoch_or_parameters():
     x, t = make_inputs(36, n=512, c=1000)
-    kernels = (TM._multilabel_kernel, TM._sum_tiles_kernel)
+    kernels = (TM._multilabel_kernel, triton_sum._scaled_sum_kernel)
 
     def step(name, **options):
         leaf = x.clone().requires_grad_(True)

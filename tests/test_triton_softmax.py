@@ -34,6 +34,7 @@ pytest.importorskip("triton")
 import mpt_kernels  # noqa: E402
 from mpt_kernels import reference as R  # noqa: E402
 from mpt_kernels.backends import triton_softmax as TS  # noqa: E402
+from mpt_kernels.backends import triton_sum  # noqa: E402
 from rounding import assert_single_rounding  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
 
@@ -51,9 +52,11 @@ FUNCTIONS = {"mpt_loss", "margin_cross_entropy", "focal_distillation"}
 
 @pytest.fixture(autouse=True)
 def small_blocks(request, monkeypatch):
-    """A small class block under the interpreter (not for the GPU tests)."""
+    """A small class block (and a small step of the loss's row sum, so that a few rows
+    cross several) under the interpreter (not for the GPU tests)."""
     if request.node.get_closest_marker("gpu") is None and "default_blocks" not in request.node.name:
         monkeypatch.setattr(TS, "block_size_override", SMALL_BLOCK)
+        monkeypatch.setattr(triton_sum, "BLOCK", 4)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -47,13 +47,13 @@ import triton.language as tl
 from .._custom_op import define_loss_ops
 from .._validation import splc_flip_logit
 from . import triton_fastmath as fm
+from .triton_sum import scaled_sum
 
 # --------------------------------------------------------------------------- launch shapes
 # Kept as module-level knobs so that tests under the interpreter can shrink the blocks
 # and make small inputs cross many of them.
 TILE_ELEMENTS = 4096  # elements per program of the elementwise kernel
 TILE_WARPS = None  # warps per program; None: one per 512 elements, at most 8
-FLAT_BLOCK = 4096  # elements per loop step of the partial-sum kernel
 
 
 def tile_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -283,16 +283,6 @@ def _multilabel_kernel(
                   IS_SPLC, True, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
 
 
-@triton.jit
-def _sum_tiles_kernel(partials_ptr, out_ptr, n_partials, scale, BLOCK: tl.constexpr):
-    """out = scale · Σ partials, in a fixed order (one program): deterministic."""
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_partials, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        acc += tl.load(partials_ptr + offsets, mask=offsets < n_partials, other=0.0)
-    tl.store(out_ptr, (tl.sum(acc) * scale).to(out_ptr.dtype.element_ty))
-
-
 # --------------------------------------------------------------------------- launchers
 def _targets_for_kernel(targets: torch.Tensor) -> torch.Tensor:
     # Triton cannot load bool tensors; the same bytes as uint8 (0/1), no copy.
@@ -369,9 +359,7 @@ def _forward(args, needs_grad):
     n_partials = _tiling(logits, _targets_for_kernel(args.targets))[3]
     partials = _empty((n_partials,), torch.float32, device)
     _launch_elementwise(args, tile_sums=partials, grad=grad, grad_scale=scale)
-    loss = _empty((), dtype, device)
-    _sum_tiles_kernel[(1,)](partials, loss, n_partials, scale, BLOCK=FLAT_BLOCK, num_warps=_num_warps(FLAT_BLOCK))
-    return loss, ([grad] if needs_grad else [])
+    return scaled_sum(partials, dtype, scale), ([grad] if needs_grad else [])
 
 
 def _saved_fake(args, needs_grad):

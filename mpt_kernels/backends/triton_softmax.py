@@ -71,6 +71,7 @@ import triton.language as tl
 from .._custom_op import define_loss_ops
 from .._validation import SoftmaxLossArgs, check_target_values
 from . import triton_fastmath as fm
+from .triton_sum import scaled_sum
 
 # Tests under the interpreter set this to a small power of two so that a few hundred
 # classes cross several blocks; None chooses by the class count (see _launch_config).
@@ -716,12 +717,10 @@ def _forward(args: SoftmaxLossArgs, needs_grad: bool):
         )
 
     if args.reduction == "none":
-        loss = rows
-    elif mean:
-        loss = rows.sum() * inv_count
-    else:
-        loss = rows.sum()
-    return loss.to(logits.dtype), ([grad, stats, *copies] if needs_grad else [])
+        loss = rows.to(logits.dtype)
+    else:  # one launch: the sum in a fixed order, times 1/count for "mean", in the dtype
+        loss = scaled_sum(rows, logits.dtype, device_scale=inv_count if mean else None)
+    return loss, ([grad, stats, *copies] if needs_grad else [])
 
 
 def _saved_fake(args: SoftmaxLossArgs, needs_grad: bool):
