@@ -31,6 +31,7 @@ def compile_kernel(fn, types, constexprs, num_warps, aligned=(), **options):
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     # what the JIT assumes of a 16-byte-aligned pointer or an integer divisible by 16
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned if name in fn.arg_names}
+    options = dict(dict(enable_fp_fusion=True), **options)  # as the kernels launch (triton_fastmath.LAUNCH_OPTIONS)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps, **options))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

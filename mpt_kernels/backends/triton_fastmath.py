@@ -26,6 +26,10 @@ import triton
 import triton.language as tl
 
 HARDWARE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
+# Launch options of every kernel of ours. The kernels are written for contracted
+# multiply-adds (mul_rn marks the products that must not be): Triton 3.9 warns that its
+# default turns fusion off in 3.10, so it is asked for explicitly.
+LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 

@@ -335,6 +335,7 @@ def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, u
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
         num_warps=_num_warps(block_rows * block_cols),
+        **fm.LAUNCH_OPTIONS,
     )
 
 

@@ -611,7 +611,8 @@ def _new_gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
 
 def _inverse_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     out = torch.empty((), dtype=torch.float32, device=target.device)
-    _inverse_count_kernel[(1,)](target, target.stride(0), target.shape[0], ignore_index, out, BLOCK=1024)
+    _inverse_count_kernel[(1,)](target, target.stride(0), target.shape[0], ignore_index, out, BLOCK=1024,
+                                **fm.LAUNCH_OPTIONS)
     return out
 
 
@@ -662,7 +663,7 @@ class _Plan:
         """The specialisation both kernels take, and their launch configuration."""
         return dict(HAS_CE=self.has_ce, HAS_OLD=self.has_old, HAS_NEW=self.has_new, IS_KL=self.is_kl,
                     BIAS=self.bias_mode, BLOCK_C=self.block, num_warps=self.num_warps,
-                    maxnreg=MAX_REGISTERS)
+                    maxnreg=MAX_REGISTERS, **fm.LAUNCH_OPTIONS)
 
 
 def _kernel_inputs(args: SoftmaxLossArgs, plan: _Plan, class_contiguous) -> tuple:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_fastmath as fm
+
 BLOCK = 4096  # partials per loop step (tests under the interpreter shrink it)
 
 
@@ -42,6 +44,6 @@ def scaled_sum(partials: torch.Tensor, dtype: torch.dtype, scale: float = 1.0,
     num_warps = max(1, min(8, BLOCK // 512))
     _scaled_sum_kernel[(1,)](
         partials, out, partials.numel(), scale, device_scale if device_scale is not None else partials,
-        HAS_DEVICE_SCALE=device_scale is not None, BLOCK=BLOCK, num_warps=num_warps,
+        HAS_DEVICE_SCALE=device_scale is not None, BLOCK=BLOCK, num_warps=num_warps, **fm.LAUNCH_OPTIONS,
     )
     return out
