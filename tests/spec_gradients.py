@@ -314,10 +314,15 @@ def multilabel_case(
     """(logits (n, c), positive (n, c) bool): logits ~ 2·N(0, 1), moved at least 0.1 away
     from logit(τ), the SPLC threshold of a negative, so no finite-difference step or
     rounding crosses it; about 40% positives."""
-    x = torch.randn(n, c, generator=generator, dtype=torch.float64) * 2
-    threshold = torch.logit(torch.tensor(tau, dtype=torch.float64))
-    near = (x - threshold).abs() < 0.1
-    side = torch.where(x >= threshold, 1.0, -1.0).to(torch.float64)
-    x = torch.where(near, threshold + 0.2 * side, x)
+    x = away_from_splc_threshold(torch.randn(n, c, generator=generator, dtype=torch.float64) * 2, tau)
     positive = torch.rand(n, c, generator=generator) < 0.4
     return x.to(dtype), positive
+
+
+def away_from_splc_threshold(x: Tensor, tau: float) -> Tensor:
+    """``x`` with every value within 0.1 of logit(τ) moved to 0.2 from it, on its own side.
+    SPLC's correction of a negative is the hard decision σ(x) > τ: two implementations
+    whose σ differ by an ulp (or a finite-difference step) may land on different sides."""
+    threshold = torch.logit(torch.tensor(tau, dtype=torch.float64)).item()
+    side = torch.where(x >= threshold, 1.0, -1.0).to(x.dtype)
+    return torch.where((x - threshold).abs() < 0.1, threshold + 0.2 * side, x)

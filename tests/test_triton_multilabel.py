@@ -33,6 +33,7 @@ from mpt_kernels._validation import check_hill, check_splc, splc_flip_logit  # n
 from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
 from mpt_kernels.backends import triton_sum  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
+from spec_gradients import away_from_splc_threshold  # noqa: E402
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -74,10 +75,7 @@ def make_inputs(seed: int, dtype=torch.float32, target_dtype=torch.bool, *, n=N,
     """Logits ~ 2·N(0, 1), never zero, kept 0.1 away from logit(τ) so that no rounding
     moves a negative across SPLC's threshold; about 40% positives."""
     gen = generator(seed)
-    x = torch.randn(n, c, generator=gen, device=DEVICE) * 2
-    threshold = math.log(tau / (1 - tau))
-    side = torch.where(x >= threshold, 1.0, -1.0)
-    x = torch.where((x - threshold).abs() < 0.1, threshold + 0.2 * side, x)
+    x = away_from_splc_threshold(torch.randn(n, c, generator=gen, device=DEVICE) * 2, tau)
     positive = torch.rand(n, c, generator=gen, device=DEVICE) < 0.4
     return x.to(dtype), as_targets(positive, target_dtype, gen)
 
