@@ -28,7 +28,7 @@ from setuptools.command.build_ext import build_ext
 
 EXTENSION = "mpt_kernels._C"
 SOURCES = ["bindings.cpp", "host_math.cpp", "common_kernels.cu", "softmax_loss.cu", "multilabel_loss.cu"]
-HEADERS = ["loss_math.cuh", "cuda_common.cuh", "launchers.h", "host_math.h"]
+HEADERS = ["loss_math.cuh", "softmax_math.cuh", "cuda_common.cuh", "launchers.h", "host_math.h"]
 DEFAULT_ARCHS = "80;86;89;90"
 
 

@@ -43,7 +43,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FOCUS") = codes({{"all", kFocusAll}, {"ref_correct", kFocusRefCorrect}, {"neg_flip", kFocusNegFlip},
                            {"student_wrong", kFocusStudentWrong}});
   m.attr("MULTILABEL_MAX_BLOCKS") = kMultilabelMaxBlocks;
-  m.attr("CACHED_ROW_LIMIT") = kCachedRowLimit;
+  m.attr("ROW_THREADS") = kMaxRowThreads;
+  m.attr("SLOTS_PER_THREAD") = kSlotsPerThread;
   m.attr("SOFTMAX_STAT_FLOATS") = kSoftmaxStatFloats;
 
   py::class_<SoftmaxRowParams>(m, "SoftmaxRowParams", "The normalised options of one softmax-family loss.")
@@ -169,12 +170,6 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("values"), py::arg("n"), py::arg("lanes"), py::arg("slot"));
   m.def(
-      "host_argmax",
-      [](uintptr_t values, int64_t n, int lanes, int slot) {
-        return host::argmax(address<const float>(values), n, lanes, slot);
-      },
-      py::arg("values"), py::arg("n"), py::arg("lanes"), py::arg("slot"));
-  m.def(
       "host_multilabel",
       [](const MultilabelParams& math, uintptr_t x, uintptr_t positive, int64_t n, float scale, uintptr_t loss,
          uintptr_t grad) {
@@ -196,28 +191,29 @@ PYBIND11_MODULE(_C, m) {
       "host_softmax_rows",
       [](const SoftmaxRowParams& row, int64_t num_rows, uintptr_t logits, uintptr_t old_logits, uintptr_t new_logits,
          uintptr_t class_bias, uintptr_t target, bool has_ignore_index, int64_t ignore_index, bool mean, int lanes,
-         int slot, uintptr_t loss, uintptr_t grad, uintptr_t stats) {
+         int slot, int rounds, uintptr_t loss, uintptr_t grad, uintptr_t stats) {
         host::softmax_rows(row, num_rows, address<const float>(logits), address<const float>(old_logits),
                            address<const float>(new_logits), address<const float>(class_bias),
                            address<const int64_t>(target), has_ignore_index, ignore_index, mean, lanes, slot,
-                           address<float>(loss), address<float>(grad), address<float>(stats));
+                           rounds, address<float>(loss), address<float>(grad), address<float>(stats));
       },
       py::kw_only(), py::arg("row"), py::arg("num_rows"), py::arg("logits"), py::arg("old_logits"),
       py::arg("new_logits"), py::arg("class_bias"), py::arg("target"), py::arg("has_ignore_index"),
-      py::arg("ignore_index"), py::arg("mean"), py::arg("lanes"), py::arg("slot"), py::arg("loss"), py::arg("grad"),
-      py::arg("stats"));
+      py::arg("ignore_index"), py::arg("mean"), py::arg("lanes"), py::arg("slot"), py::arg("rounds"), py::arg("loss"),
+      py::arg("grad"), py::arg("stats"));
   m.def(
       "host_softmax_rows_backward",
       [](const SoftmaxRowParams& row, int64_t num_rows, uintptr_t logits, uintptr_t old_logits, uintptr_t new_logits,
          uintptr_t class_bias, uintptr_t target, bool has_ignore_index, int64_t ignore_index, uintptr_t stats,
-         uintptr_t upstream, int64_t upstream_stride, uintptr_t grad) {
+         uintptr_t upstream, int64_t upstream_stride, int lanes, int slot, int rounds, uintptr_t grad) {
         host::softmax_rows_backward(row, num_rows, address<const float>(logits), address<const float>(old_logits),
                                     address<const float>(new_logits), address<const float>(class_bias),
                                     address<const int64_t>(target), has_ignore_index, ignore_index,
                                     address<const float>(stats), address<const float>(upstream), upstream_stride,
-                                    address<float>(grad));
+                                    lanes, slot, rounds, address<float>(grad));
       },
       py::kw_only(), py::arg("row"), py::arg("num_rows"), py::arg("logits"), py::arg("old_logits"),
       py::arg("new_logits"), py::arg("class_bias"), py::arg("target"), py::arg("has_ignore_index"),
-      py::arg("ignore_index"), py::arg("stats"), py::arg("upstream"), py::arg("upstream_stride"), py::arg("grad"));
+      py::arg("ignore_index"), py::arg("stats"), py::arg("upstream"), py::arg("upstream_stride"), py::arg("lanes"),
+      py::arg("slot"), py::arg("rounds"), py::arg("grad"));
 }

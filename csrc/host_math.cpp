@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 namespace mpt {
@@ -38,16 +39,19 @@ void sigmoid(const float* x, float* out, int64_t n) {
 
 float logsumexp(const float* values, int64_t n, int lanes, int slot) {
   check_lanes(lanes, slot);
-  std::vector<OnlineLse> states(lanes, lse_empty());
-  for (int64_t j = 0; j < n; ++j) lse_add(states[lane_of(j, lanes, slot)], values[j]);
-  return lse_value(tree_merge(states, lse_merge));
-}
-
-int64_t argmax(const float* values, int64_t n, int lanes, int slot) {
-  check_lanes(lanes, slot);
-  std::vector<ArgMax> states(lanes, argmax_empty());
-  for (int64_t j = 0; j < n; ++j) argmax_add(states[lane_of(j, lanes, slot)], values[j], static_cast<int>(j));
-  return tree_merge(states, argmax_merge).index;
+  // each lane folds its values into a base-2 running state one at a time (a chunk of one)
+  std::vector<Lse2> states(lanes, lse2_empty());
+  for (int64_t j = 0; j < n; ++j) {
+    Lse2& s = states[lane_of(j, lanes, slot)];
+    float shift = 0.0f;
+    lse2_raise(s, values[j], kLog2e, shift);
+    s.sum += fast_exp2(values[j] * kLog2e - shift);
+  }
+  const Lse2 total = tree_merge(states, [](Lse2 a, const Lse2& b) {
+    lse2_merge_into(a, b, kLog2e);
+    return a;
+  });
+  return lse2_log2(total, kLog2e) * kLn2;
 }
 
 void multilabel(const MultilabelParams& params, const float* x, const uint8_t* positive, int64_t n, float scale,
@@ -78,40 +82,120 @@ void check_rows(const SoftmaxRowParams& p, const float* old_logits, const float*
   }
 }
 
-// Row i of the inputs, read as the kernels read it: Δ_j from class_bias or the new-class
-// bias, the old teacher only below K, absent sources as 0.
-struct HostRow {
-  const SoftmaxRowParams& p;
-  const float* z;
-  const float* r_old;
-  const float* r_new;
+// The softmax kernels' walk over a row, on the host: `threads` lanes, slots of VEC
+// columns, chunks of NV slots, the same RowLayout and the same math; the lanes' states
+// are merged in a tree as the block merges its threads'.
+template <int VEC, int NV>
+struct HostRows {
+  const SoftmaxRowConsts c;
+  const int threads;
+  const float* logits;
+  const float* old_logits;
+  const float* new_logits;
   const float* class_bias;
+  const RowLayout layout;
+  const int chunks;
 
-  HostRow(const SoftmaxRowParams& p_, int64_t i, const float* logits, const float* old_logits,
-          const float* new_logits, const float* class_bias_)
-      : p(p_),
-        z(logits + i * p_.num_classes),
-        r_old(p_.has_old ? old_logits + i * p_.num_old_classes : nullptr),
-        r_new(p_.has_new ? new_logits + i * p_.num_classes : nullptr),
-        class_bias(class_bias_) {}
+  HostRows(const SoftmaxRowParams& p, int threads_, const float* logits_, const float* old_logits_,
+           const float* new_logits_, const float* class_bias_)
+      : c(p, class_bias_ != nullptr),
+        threads(threads_),
+        logits(logits_),
+        old_logits(old_logits_),
+        new_logits(new_logits_),
+        class_bias(class_bias_),
+        layout(p.num_classes, p.num_old_classes, VEC),
+        chunks((layout.rounds(threads_) + NV - 1) / NV) {}
 
-  float delta(int j) const { return class_bias != nullptr ? class_bias[j] : new_class_delta(p, j); }
-  float old_at(int j) const { return r_old != nullptr && j < p.num_old_classes ? r_old[j] : 0.0f; }
-  float new_at(int j) const { return r_new != nullptr ? r_new[j] : 0.0f; }
+  // Lane t's slots of chunk `chunk` of row i, as the kernels load them.
+  void values(int64_t i, int t, int chunk, SlotValues<VEC> (&v)[NV]) const {
+    const int C = c.p.num_classes, K = c.p.num_old_classes;
+    const float* z = logits + i * C;
+    for (int k = 0; k < NV; ++k) {
+      const int s = (chunk * NV + k) * threads + t;
+      v[k].present = s < layout.slots;
+      if (!v[k].present) continue;
+      const SlotSpan span = layout.span(s);
+      v[k].span = span;
+      for (int e = 0; e < VEC; ++e) {
+        const int j = span.col0 + e;
+        const bool in = span.has(j);
+        v[k].z[e] = in ? z[j] : -kInf;
+        v[k].delta[e] = in && class_bias != nullptr ? class_bias[j] : 0.0f;
+        v[k].r_old[e] = in && c.p.has_old && span.old_segment ? old_logits[i * K + j] : -kInf;
+        v[k].r_new[e] = in && c.p.has_new ? new_logits[i * C + j] : -kInf;
+      }
+    }
+  }
 
-  // the gradient sweep of the kernels
-  void gradient(const SoftmaxRowStats& stats, int64_t y, float upstream, float* g) const {
-    for (int j = 0; j < p.num_classes; ++j) {
-      g[j] = row_gradient(stats, p, j, y, z[j], delta(j), old_at(j), new_at(j), upstream);
+  SoftmaxRowResult forward(int64_t i, int y, float scale) const {
+    std::vector<SoftmaxThreadState> states(threads, thread_state_empty());
+    for (int t = 0; t < threads; ++t) {
+      for (int chunk = 0; chunk < chunks; ++chunk) {
+        SlotValues<VEC> v[NV];
+        values(i, t, chunk, v);
+        chunk_statistics<VEC, NV>(states[t], c, [&v](int k) { return v[k]; }, y);
+      }
+    }
+    const SoftmaxThreadState merged =
+        tree_merge(states, [this](const SoftmaxThreadState& a, const SoftmaxThreadState& b) {
+          return thread_state_merge(a, b, c);
+        });
+    const int C = c.p.num_classes, K = c.p.num_old_classes;
+    TargetValues at_y{};
+    at_y.z = logits[i * C + y];
+    at_y.delta = class_bias != nullptr ? class_bias[y] : (y >= K ? c.p.new_class_bias : 0.0f);
+    if (c.p.has_old && y < K) at_y.r_old = old_logits[i * K + y];
+    if (c.p.has_new) at_y.r_new = new_logits[i * C + y];
+    return row_finish(merged, c, y, at_y, scale);
+  }
+
+  void gradient(int64_t i, int y, const SoftmaxRowStats& stats, float upstream, float* g_row) const {
+    for (int t = 0; t < threads; ++t) {
+      for (int chunk = chunks - 1; chunk >= 0; --chunk) {
+        SlotValues<VEC> v[NV];
+        values(i, t, chunk, v);
+        for (int k = 0; k < NV; ++k) {
+          if (!v[k].present) break;
+          float g[VEC];
+          slot_gradient(c, stats, upstream, y, v[k], g);
+          for (int e = 0; e < VEC; ++e) {
+            if (v[k].span.has(v[k].span.col0 + e)) g_row[v[k].span.col0 + e] = g[e];
+          }
+        }
+      }
     }
   }
 };
+
+// Calls f(HostRows<VEC, NV>) for the runtime slot width and chunk length.
+template <typename F>
+void with_host_rows(int slot, int rounds, F&& f) {
+  auto by_rounds = [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    if (rounds == 1) {
+      f(std::integral_constant<int, VEC>{}, std::integral_constant<int, 1>{});
+    } else if (rounds == 2) {
+      f(std::integral_constant<int, VEC>{}, std::integral_constant<int, 2>{});
+    } else {
+      throw std::invalid_argument("rounds must be 1 or 2");
+    }
+  };
+  switch (slot) {
+    case 1: by_rounds(std::integral_constant<int, 1>{}); break;
+    case 2: by_rounds(std::integral_constant<int, 2>{}); break;
+    case 4: by_rounds(std::integral_constant<int, 4>{}); break;
+    case 8: by_rounds(std::integral_constant<int, 8>{}); break;
+    default: throw std::invalid_argument("slot must be 1, 2, 4 or 8");
+  }
+}
 
 }  // namespace
 
 void softmax_rows(const SoftmaxRowParams& p, int64_t num_rows, const float* logits, const float* old_logits,
                   const float* new_logits, const float* class_bias, const int64_t* target, bool has_ignore_index,
-                  int64_t ignore_index, bool mean, int lanes, int slot, float* loss, float* grad, float* stats) {
+                  int64_t ignore_index, bool mean, int lanes, int slot, int rounds, float* loss, float* grad,
+                  float* stats) {
   check_lanes(lanes, slot);
   check_rows(p, old_logits, new_logits);
   if (grad != nullptr && stats == nullptr) throw std::invalid_argument("stats are required with grad");
@@ -119,40 +203,45 @@ void softmax_rows(const SoftmaxRowParams& p, int64_t num_rows, const float* logi
   int64_t counted = 0;  // as count_rows_kernel: the rows whose target is not ignore_index
   for (int64_t i = 0; i < num_rows; ++i) counted += !(has_ignore_index && target[i] == ignore_index);
   const float scale = mean ? 1.0f / static_cast<float>(counted) : 1.0f;
-  for (int64_t i = 0; i < num_rows; ++i) {
-    const HostRow row(p, i, logits, old_logits, new_logits, class_bias);
-    float* g = grad != nullptr ? grad + i * C : nullptr;
-    const int64_t y = target[i];
-    const int kind = classify_target(y, has_ignore_index, ignore_index, C);
-    if (kind != kTargetCounted) {
-      loss[i] = kind == kTargetIgnored ? 0.0f : NAN;
-      for (int j = 0; g != nullptr && j < C; ++j) g[j] = 0.0f;
-      continue;
+  with_host_rows(slot, rounds, [&](auto vec, auto nv) {
+    const HostRows<decltype(vec)::value, decltype(nv)::value> rows(p, lanes, logits, old_logits, new_logits,
+                                                                   class_bias);
+    for (int64_t i = 0; i < num_rows; ++i) {
+      float* g = grad != nullptr ? grad + i * C : nullptr;
+      const int64_t y = target[i];
+      const int kind = classify_target(y, has_ignore_index, ignore_index, C);
+      if (kind != kTargetCounted) {
+        loss[i] = kind == kTargetIgnored ? 0.0f : NAN;
+        for (int j = 0; g != nullptr && j < C; ++j) g[j] = 0.0f;
+        continue;
+      }
+      const SoftmaxRowResult result = rows.forward(i, static_cast<int>(y), grad != nullptr ? scale : 1.0f);
+      loss[i] = result.loss;
+      if (g == nullptr) continue;
+      store_row_stats(result.stats, stats + i * kSoftmaxStatFloats);
+      rows.gradient(i, static_cast<int>(y), result.stats, 1.0f, g);
     }
-    std::vector<SoftmaxRowState> states(lanes, row_empty());
-    for (int j = 0; j < C; ++j) {
-      row_add(states[lane_of(j, lanes, slot)], p, j, y, row.z[j], row.delta(j), row.old_at(j), row.new_at(j));
-    }
-    const SoftmaxRowResult result = row_finish(tree_merge(states, row_merge), p, y, scale);
-    loss[i] = result.loss;
-    if (g == nullptr) continue;
-    store_row_stats(result.stats, stats + i * kSoftmaxStatFloats);
-    row.gradient(result.stats, y, 1.0f, g);
-  }
+  });
 }
 
 void softmax_rows_backward(const SoftmaxRowParams& p, int64_t num_rows, const float* logits,
                            const float* old_logits, const float* new_logits, const float* class_bias,
                            const int64_t* target, bool has_ignore_index, int64_t ignore_index, const float* stats,
-                           const float* upstream, int64_t upstream_stride, float* grad) {
+                           const float* upstream, int64_t upstream_stride, int lanes, int slot, int rounds,
+                           float* grad) {
+  check_lanes(lanes, slot);
   check_rows(p, old_logits, new_logits);
-  for (int64_t i = 0; i < num_rows; ++i) {
-    const float u = upstream[i * upstream_stride];
-    const int64_t y = target[i];
-    if (!recompute_row(classify_target(y, has_ignore_index, ignore_index, p.num_classes), u)) continue;
-    const HostRow row(p, i, logits, old_logits, new_logits, class_bias);
-    row.gradient(load_row_stats(stats + i * kSoftmaxStatFloats), y, u, grad + i * p.num_classes);
-  }
+  with_host_rows(slot, rounds, [&](auto vec, auto nv) {
+    const HostRows<decltype(vec)::value, decltype(nv)::value> rows(p, lanes, logits, old_logits, new_logits,
+                                                                   class_bias);
+    for (int64_t i = 0; i < num_rows; ++i) {
+      const float u = upstream[i * upstream_stride];
+      const int64_t y = target[i];
+      if (!recompute_row(classify_target(y, has_ignore_index, ignore_index, p.num_classes), u)) continue;
+      rows.gradient(i, static_cast<int>(y), load_row_stats(stats + i * kSoftmaxStatFloats), u,
+                    grad + i * p.num_classes);
+    }
+  });
 }
 
 }  // namespace host

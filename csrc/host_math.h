@@ -1,13 +1,15 @@
 // Host entry points over the shared math (loss_math.cuh), for tests on CPU buffers.
 //
-// They run the very functions the kernels run, on float32 CPU arrays, with a row split
-// into `lanes` partial states (column j goes to lane (j / slot) % lanes, as a block's
-// threads split it into 16-byte slots) merged in a tree, as a block merges its threads'.
+// They run the very functions the kernels run, on float32 CPU arrays. logsumexp splits
+// its values into `lanes` partial states (value j to lane (j / slot) % lanes) merged in a
+// tree. The softmax rows are walked as the kernels walk them (RowLayout, softmax_math.cuh):
+// `lanes` threads, slots of `slot` columns, chunks of `rounds` slots, the lanes' states
+// merged in a tree as a block merges its threads'.
 #pragma once
 
 #include <cstdint>
 
-#include "loss_math.cuh"
+#include "softmax_math.cuh"
 
 namespace mpt {
 namespace host {
@@ -15,7 +17,6 @@ namespace host {
 void log_sigmoid(const float* x, float* out, int64_t n);
 void sigmoid(const float* x, float* out, int64_t n);
 float logsumexp(const float* values, int64_t n, int lanes, int slot);
-int64_t argmax(const float* values, int64_t n, int lanes, int slot);
 
 // Multi-label elements. The forward writes every loss and the gradient for an upstream
 // gradient of 1 (times scale); the backward rewrites grad[i] where upstream[i] != 1.
@@ -31,14 +32,16 @@ void multilabel_backward(const MultilabelParams& params, const float* x, const u
 // (N, kSoftmaxStatFloats), as the forward kernel does.
 void softmax_rows(const SoftmaxRowParams& params, int64_t num_rows, const float* logits, const float* old_logits,
                   const float* new_logits, const float* class_bias, const int64_t* target, bool has_ignore_index,
-                  int64_t ignore_index, bool mean, int lanes, int slot, float* loss, float* grad, float* stats);
+                  int64_t ignore_index, bool mean, int lanes, int slot, int rounds, float* loss, float* grad,
+                  float* stats);
 // The backward kernel's decision and recompute on the host: from the forward's stats and
 // the same inputs, rewrites grad's rows whose target is counted and whose upstream
 // gradient upstream[i * upstream_stride] is not 1 (stride 0: a scalar).
 void softmax_rows_backward(const SoftmaxRowParams& params, int64_t num_rows, const float* logits,
                            const float* old_logits, const float* new_logits, const float* class_bias,
                            const int64_t* target, bool has_ignore_index, int64_t ignore_index, const float* stats,
-                           const float* upstream, int64_t upstream_stride, float* grad);
+                           const float* upstream, int64_t upstream_stride, int lanes, int slot, int rounds,
+                           float* grad);
 
 }  // namespace host
 }  // namespace mpt

@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "loss_math.cuh"
+#include "softmax_math.cuh"
 
 namespace mpt {
 
@@ -89,9 +89,12 @@ struct MultilabelBackwardArgs {
 
 // Blocks of the multi-label kernels at most (the "sum"/"mean" partials buffer size).
 constexpr int kMultilabelMaxBlocks = 2048;
-// Softmax rows up to this many classes stay in registers (read once); longer rows are
-// read twice (statistics sweep, then gradient sweep).
-constexpr int kCachedRowLimit = 8192;
+// The softmax kernels' largest block, and the slots (of 16 bytes of each input) a thread
+// holds in registers: a row of at most kMaxRowThreads * kSlotsPerThread slots (RowLayout:
+// 4096 classes of fp32, 8192 of fp16/bf16) stays in registers and is read once; a longer
+// row is read twice (statistics sweep, then gradient sweep).
+constexpr int kMaxRowThreads = 512;
+constexpr int kSlotsPerThread = 2;
 
 // The forward writes the loss and, when grad is given, the gradient for an upstream
 // gradient of 1 (and the softmax family's per-row stats). The backward reads the

@@ -1,22 +1,27 @@
 // The softmax family (spec §1-3: margin-calibrated CE, focal distillation, MPT): a
 // forward and a backward kernel, one block per row.
 //
-// Each thread owns the 16-byte column slots tid, tid + B, tid + 2B, ... of its row
-// (coalesced), accumulates them into a SoftmaxRowState (loss_math.cuh), and the block
-// merges the states in a fixed tree. Rows up to kCachedRowLimit classes fit one chunk,
-// which stays in registers: the forward with gradient reads every input row once and
-// writes the gradient once (only the length-C class_bias vector, shared by every row, is
-// read again from cache). Longer rows are walked in chunks twice: statistics, then
-// gradient. Launch shapes: up to 256 threads with one 16-byte slot each (C <= 256 slots),
-// else up to 512 threads with 16 elements each; the backward uses the forward's.
+// The math is softmax_math.cuh's: the row is cut into 16-byte slots per segment
+// (RowLayout), dealt out to the threads round by round; each thread folds a chunk of
+// kSlotsPerThread slots at a time into its own SoftmaxThreadState (the chunk's maxima
+// first, one rescale, then one base-2 exponential per element and stream), and the block
+// merges the states once, in a fixed tree. A row of at most blockDim.x * kSlotsPerThread
+// slots is one chunk: its raw 16-byte slots stay in registers, so the forward with
+// gradient reads every input once and writes the gradient once (only the class_bias
+// vector, shared by every row, is read again, from cache). A longer row is read twice,
+// statistics then gradient, the gradient sweep going last chunk first (the likeliest
+// still in L2).
 //
 // The forward writes the gradient for an upstream gradient of 1, with "mean"'s 1/count
 // folded in (count_rows_kernel counts the rows on the device first), and saves each
 // counted row's SoftmaxRowStats. The backward reads the upstream gradient on the device:
 // a row whose upstream gradient is 1 (or that is ignored) is left as the forward wrote
-// it; any other row is recomputed from the inputs and its stats, times the upstream
-// gradient in float32, and rounded once. Both kernels run the same gradient sweep.
-// Per-row losses go to a float32 buffer, reduced in a fixed order.
+// it; any other row is recomputed from the inputs and its stats with the upstream
+// gradient multiplied into the coefficients in float32, and rounded once. Both kernels
+// run the same gradient sweep. Per-row losses go to a float32 buffer, reduced in a fixed
+// order.
+#include <type_traits>
+
 #include "cuda_common.cuh"
 
 namespace mpt {
@@ -42,7 +47,6 @@ struct SoftmaxKernelArgs {
   const void* upstream;         // backward: the upstream gradient, in the logits' dtype
   int64_t upstream_stride;      // backward: 0 for a scalar
   void* grad;
-  int chunks;  // column chunks of blockDim.x * NV * VEC; 1: the row stays in registers
   bool vec_logits, vec_old, vec_new, vec_bias, vec_grad;  // 16-byte accesses allowed
 };
 
@@ -63,134 +67,248 @@ __global__ void __launch_bounds__(1024) count_rows_kernel(const void* target, in
   if (threadIdx.x == 0) *count = n;
 }
 
-// ---------------------------------------------------------------------------- the row kernel
-struct RowMerge {
-  __device__ SoftmaxRowState operator()(const SoftmaxRowState& a, const SoftmaxRowState& b) const {
-    return row_merge(a, b);
-  }
-};
+// ---------------------------------------------------------------------------- slots
+// One 16-byte slot of an input row, as loaded: kept in registers while the row is.
+using RawSlot = uint4;
 
-// First column of this thread's slot k of chunk `chunk`.
-template <int VEC, int NV>
-__device__ __forceinline__ int64_t slot_column(int chunk, int k) {
-  return (static_cast<int64_t>(chunk * NV + k) * blockDim.x + threadIdx.x) * VEC;
+template <typename D>
+constexpr int kVec = 16 / static_cast<int>(sizeof(typename D::storage));
+
+__device__ __forceinline__ uint32_t word(const RawSlot& raw, int w) {
+  return w == 0 ? raw.x : (w == 1 ? raw.y : (w == 2 ? raw.z : raw.w));  // w: a constant after unrolling
 }
 
-// The bias Δ of columns [col0, col0 + VEC): the class_bias vector, or the new-class bias.
+__device__ __forceinline__ void set_word(RawSlot& raw, int w, uint32_t value) {
+  if (w == 0) raw.x = value;
+  if (w == 1) raw.y = value;
+  if (w == 2) raw.z = value;
+  if (w == 3) raw.w = value;
+}
+
+// The 32-bit word of two 16-bit values (element 2w low, 2w + 1 high), and back.
+template <typename D>
+__device__ __forceinline__ uint32_t word_of(typename D::storage lo, typename D::storage hi) {
+  if constexpr (sizeof(typename D::storage) == 4) {
+    return __float_as_uint(lo);
+  } else {
+    return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
+// The slot's VEC values as float32, from the 32-bit words.
+template <typename D>
+__device__ __forceinline__ void unpack(const RawSlot& raw, float (&out)[kVec<D>]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const uint32_t bits = word(raw, w);
+    if constexpr (std::is_same<D, Float32>::value) {
+      out[w] = __uint_as_float(bits);
+    } else if constexpr (std::is_same<D, BFloat16>::value) {
+      out[2 * w] = __uint_as_float(bits << 16);
+      out[2 * w + 1] = __uint_as_float(bits & 0xffff0000u);
+    } else {
+      __half2 h;
+      memcpy(&h, &bits, sizeof(bits));
+      const float2 f = __half22float2(h);
+      out[2 * w] = f.x;
+      out[2 * w + 1] = f.y;
+    }
+  }
+}
+
+// The slot's columns of `row`; masked columns (outside the span) read as `fill`.
+template <typename D>
+__device__ __forceinline__ RawSlot load_raw(const typename D::storage* row, const SlotSpan& span, bool aligned,
+                                            float fill) {
+  using S = typename D::storage;
+  constexpr int VEC = kVec<D>;
+  constexpr int PER_WORD = VEC / 4;
+  if (aligned && span.full(VEC)) return *reinterpret_cast<const RawSlot*>(row + span.col0);
+  const S masked = D::from_float(fill);
+  RawSlot raw;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const int j = span.col0 + w * PER_WORD;
+    const S lo = span.has(j) ? row[j] : masked;
+    const S hi = PER_WORD == 2 && span.has(j + 1) ? row[j + PER_WORD - 1] : masked;
+    set_word(raw, w, word_of<D>(lo, hi));
+  }
+  return raw;
+}
+
+// The float32 class_bias of the slot's columns (0 where masked).
 template <int VEC>
-__device__ __forceinline__ void load_delta(const SoftmaxKernelArgs& a, int64_t col0, float (&delta)[VEC]) {
-  if (a.class_bias != nullptr) {
-    load_slot<Float32, VEC>(a.class_bias, col0, a.row.num_classes, a.vec_bias, delta);
+__device__ __forceinline__ void load_bias(const float* bias, const SlotSpan& span, bool aligned, float (&out)[VEC]) {
+  if (aligned && span.full(VEC)) {
+    load_pack<VEC>(bias + span.col0, out);
   } else {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) delta[e] = new_class_delta(a.row, static_cast<int>(col0) + e);
+    for (int e = 0; e < VEC; ++e) out[e] = span.has(span.col0 + e) ? bias[span.col0 + e] : 0.0f;
   }
 }
 
-template <typename D, int VEC, int NV>
-__device__ __forceinline__ void load_chunk(const SoftmaxKernelArgs& a, int chunk, const typename D::storage* z_row,
-                                           const typename D::storage* old_row, const typename D::storage* new_row,
-                                           float (&z)[NV][VEC], float (&r_old)[NV][VEC], float (&r_new)[NV][VEC]) {
-  const SoftmaxRowParams& p = a.row;
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int64_t col0 = slot_column<VEC, NV>(chunk, k);
-    if (col0 >= p.num_classes) break;
-    load_slot<D, VEC>(z_row, col0, p.num_classes, a.vec_logits, z[k]);
-    if (p.has_old) load_slot<D, VEC>(old_row, col0, p.num_old_classes, a.vec_old, r_old[k]);
-    if (p.has_new) load_slot<D, VEC>(new_row, col0, p.num_classes, a.vec_new, r_new[k]);
-  }
-}
-
-// The input rows of row `row`.
+// Stores the slot's columns (only those in the span) of the gradient row.
 template <typename D>
-struct RowInputs {
+__device__ __forceinline__ void store_span(typename D::storage* row, const SlotSpan& span, bool aligned,
+                                           const float (&g)[kVec<D>]) {
+  using S = typename D::storage;
+  constexpr int VEC = kVec<D>;
+  S values[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) values[e] = D::from_float(g[e]);
+  if (aligned && span.full(VEC)) {
+    constexpr int PER_WORD = VEC / 4;
+    RawSlot raw;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) set_word(raw, w, word_of<D>(values[w * PER_WORD], values[w * PER_WORD + PER_WORD - 1]));
+    *reinterpret_cast<RawSlot*>(row + span.col0) = raw;
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if (span.has(span.col0 + e)) row[span.col0 + e] = values[e];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- one row
+template <typename D>
+struct RowPointers {
   using S = typename D::storage;
   const S* z;
   const S* old;
   const S* neu;
+  S* grad;
 
-  __device__ RowInputs(const SoftmaxKernelArgs& a, int64_t row)
+  __device__ RowPointers(const SoftmaxKernelArgs& a, int64_t row)
       : z(static_cast<const S*>(a.logits) + row * a.logits_row_stride),
         old(a.row.has_old ? static_cast<const S*>(a.old_logits) + row * a.old_row_stride : nullptr),
-        neu(a.row.has_new ? static_cast<const S*>(a.new_logits) + row * a.new_row_stride : nullptr) {}
+        neu(a.row.has_new ? static_cast<const S*>(a.new_logits) + row * a.new_row_stride : nullptr),
+        grad(a.grad != nullptr ? static_cast<S*>(a.grad) + row * a.row.num_classes : nullptr) {}
 };
 
-// The gradient sweep, shared by the forward (upstream 1, the row in registers when it is
-// one chunk) and the backward (the row's upstream gradient, reading the row): every
-// column's row_gradient, rounded once into the logits' dtype.
-template <typename D, int VEC, int NV>
-__device__ __forceinline__ void gradient_sweep(const SoftmaxKernelArgs& a, const RowInputs<D>& in, int64_t row,
-                                               int64_t y, const SoftmaxRowStats& stats, float upstream,
-                                               bool row_in_registers, float (&z)[NV][VEC], float (&r_old)[NV][VEC],
-                                               float (&r_new)[NV][VEC]) {
-  using S = typename D::storage;
-  const SoftmaxRowParams& p = a.row;
-  const int C = p.num_classes;
-  S* grad_row = static_cast<S*>(a.grad) + row * C;
-  for (int chunk = 0; chunk < a.chunks; ++chunk) {
-    if (!row_in_registers) load_chunk<D, VEC, NV>(a, chunk, in.z, in.old, in.neu, z, r_old, r_new);
+// The raw slots of this thread's chunk: slot (chunk·NV + k)·blockDim.x + threadIdx.x.
+template <typename D, int NV>
+struct ChunkSlots {
+  RawSlot z[NV];
+  RawSlot r_old[NV];
+  RawSlot r_new[NV];
+
+  __device__ __forceinline__ static int slot(int chunk, int k) {
+    return (chunk * NV + k) * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+  }
+
+  __device__ __forceinline__ void load(const SoftmaxKernelArgs& a, const RowLayout& layout, const RowPointers<D>& row,
+                                       int chunk) {
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      const int64_t col0 = slot_column<VEC, NV>(chunk, k);
-      if (col0 >= C) break;
-      float delta[VEC], g[VEC];
-      load_delta<VEC>(a, col0, delta);
+      const int s = slot(chunk, k);
+      if (s >= layout.slots) break;
+      const SlotSpan span = layout.span(s);
+      z[k] = load_raw<D>(row.z, span, a.vec_logits, -kInf);
+      if (a.row.has_old && span.old_segment) r_old[k] = load_raw<D>(row.old, span, a.vec_old, -kInf);
+      if (a.row.has_new) r_new[k] = load_raw<D>(row.neu, span, a.vec_new, -kInf);
+    }
+  }
+
+  // Slot k as float32, for the math.
+  __device__ __forceinline__ SlotValues<kVec<D>> values(const SoftmaxKernelArgs& a, const RowLayout& layout, int chunk,
+                                                        int k) const {
+    SlotValues<kVec<D>> v;
+    const int s = slot(chunk, k);
+    v.present = s < layout.slots;
+    if (!v.present) return v;
+    v.span = layout.span(s);
+    unpack<D>(z[k], v.z);
+    if (a.row.has_old && v.span.old_segment) unpack<D>(r_old[k], v.r_old);
+    if (a.row.has_new) unpack<D>(r_new[k], v.r_new);
+    if (a.class_bias != nullptr) load_bias(a.class_bias, v.span, a.vec_bias, v.delta);
+    return v;
+  }
+};
+
+// The gradient sweep, shared by the forward (upstream 1; a one-chunk row from the
+// registers) and the backward (the row's upstream gradient, reading the row): every
+// column's gradient, rounded once into the logits' dtype. Last chunk first.
+template <typename D, int NV>
+__device__ __forceinline__ void gradient_sweep(const SoftmaxKernelArgs& a, const SoftmaxRowConsts& c,
+                                               const RowLayout& layout, const RowPointers<D>& row, int chunks,
+                                               bool in_registers, ChunkSlots<D, NV>& slots, int y,
+                                               const SoftmaxRowStats& stats, float upstream) {
+  #pragma unroll 1
+  for (int chunk = chunks - 1; chunk >= 0; --chunk) {
+    if (!in_registers) slots.load(a, layout, row, chunk);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const int j = static_cast<int>(col0) + e;
-        g[e] = j < C ? row_gradient(stats, p, j, y, z[k][e], delta[e], r_old[k][e], r_new[k][e], upstream) : 0.0f;
-      }
-      store_slot<D, VEC>(grad_row, col0, C, a.vec_grad, g);
+    for (int k = 0; k < NV; ++k) {
+      const SlotValues<kVec<D>> v = slots.values(a, layout, chunk, k);
+      if (!v.present) break;
+      float g[kVec<D>];
+      slot_gradient(c, stats, upstream, y, v, g);
+      store_span<D>(row.grad, v.span, a.vec_grad, g);
     }
   }
 }
 
-template <typename D, int VEC, int NV>
-__global__ void __launch_bounds__(512) softmax_loss_kernel(const SoftmaxKernelArgs a) {
+struct StateMerge {
+  SoftmaxRowConsts c;
+  __device__ SoftmaxThreadState operator()(const SoftmaxThreadState& a, const SoftmaxThreadState& b) const {
+    return thread_state_merge(a, b, c);
+  }
+};
+
+template <typename D>
+__device__ __forceinline__ TargetValues target_values(const SoftmaxKernelArgs& a, const RowPointers<D>& row, int y) {
+  const SoftmaxRowParams& p = a.row;
+  TargetValues t{};
+  t.z = D::to_float(row.z[y]);
+  t.delta = a.class_bias != nullptr ? a.class_bias[y] : (y >= p.num_old_classes ? p.new_class_bias : 0.0f);
+  if (p.has_old && y < p.num_old_classes) t.r_old = D::to_float(row.old[y]);
+  if (p.has_new) t.r_new = D::to_float(row.neu[y]);
+  return t;
+}
+
+__device__ __forceinline__ int row_chunks(const RowLayout& layout, int nv) {
+  return (layout.rounds(static_cast<int>(blockDim.x)) + nv - 1) / nv;
+}
+
+template <typename D, int NV>
+__global__ void __launch_bounds__(kMaxRowThreads) softmax_loss_kernel(const SoftmaxKernelArgs a) {
   const SoftmaxRowParams& p = a.row;
   const int C = p.num_classes;
   const int64_t row = blockIdx.x;
+  const RowPointers<D> io(a, row);
 
   // An ignored row (and an out-of-range target) gets zero gradient, written all the same.
-  const int64_t y = read_target(a.target, row * a.target_stride, a.target_is_int64);
-  const int target_kind = classify_target(y, a.has_ignore_index, a.ignore_index, C);
+  const int64_t target = read_target(a.target, row * a.target_stride, a.target_is_int64);
+  const int target_kind = classify_target(target, a.has_ignore_index, a.ignore_index, C);
   if (target_kind != kTargetCounted) {
     if (threadIdx.x == 0) a.row_loss[row] = target_kind == kTargetIgnored ? 0.0f : NAN;
-    if (a.grad != nullptr) {
-      typename D::storage* grad_row = static_cast<typename D::storage*>(a.grad) + row * C;
-      const float zeros[VEC] = {};
-      for (int64_t col0 = static_cast<int64_t>(threadIdx.x) * VEC; col0 < C; col0 += static_cast<int64_t>(blockDim.x) * VEC) {
-        store_slot<D, VEC>(grad_row, col0, C, a.vec_grad, zeros);
+    if (io.grad != nullptr) {
+      const float zeros[kVec<D>] = {};
+      for (int col0 = threadIdx.x * kVec<D>; col0 < C; col0 += blockDim.x * kVec<D>) {
+        store_span<D>(io.grad, SlotSpan{col0, 0, C, true}, a.vec_grad, zeros);
       }
     }
     return;
   }
+  const int y = static_cast<int>(target);
 
-  const RowInputs<D> in(a, row);
-  float z[NV][VEC] = {}, r_old[NV][VEC] = {}, r_new[NV][VEC] = {};
+  const SoftmaxRowConsts c(p, a.class_bias != nullptr);
+  const RowLayout layout(C, p.num_old_classes, kVec<D>);
+  const int chunks = row_chunks(layout, NV);
 
   // Sweep 1: the row's statistics.
-  SoftmaxRowState state = row_empty();
-  for (int chunk = 0; chunk < a.chunks; ++chunk) {
-    load_chunk<D, VEC, NV>(a, chunk, in.z, in.old, in.neu, z, r_old, r_new);
-#pragma unroll
-    for (int k = 0; k < NV; ++k) {
-      const int64_t col0 = slot_column<VEC, NV>(chunk, k);
-      if (col0 >= C) break;
-      float delta[VEC];
-      load_delta<VEC>(a, col0, delta);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const int j = static_cast<int>(col0) + e;
-        if (j < C) row_add(state, p, j, y, z[k][e], delta[e], r_old[k][e], r_new[k][e]);
-      }
-    }
+  ChunkSlots<D, NV> slots;
+  SoftmaxThreadState state = thread_state_empty();
+  #pragma unroll 1
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    slots.load(a, layout, io, chunk);
+    chunk_statistics<kVec<D>, NV>(state, c, [&](int k) { return slots.values(a, layout, chunk, k); }, y);
   }
-  state = block_merge(state, RowMerge{}, row_empty());
-  const bool with_grad = a.grad != nullptr;
+  state = block_merge(state, StateMerge{c}, thread_state_empty());
+
+  const bool with_grad = io.grad != nullptr;
   const float scale = with_grad && a.counted_rows != nullptr ? 1.0f / static_cast<float>(*a.counted_rows) : 1.0f;
-  const SoftmaxRowResult result = row_finish(state, p, y, scale);
+  const SoftmaxRowResult result = row_finish(state, c, y, target_values<D>(a, io, y), scale);
   if (threadIdx.x == 0) {
     a.row_loss[row] = result.loss;
     if (with_grad) store_row_stats(result.stats, a.stats + row * kSoftmaxStatFloats);
@@ -199,22 +317,25 @@ __global__ void __launch_bounds__(512) softmax_loss_kernel(const SoftmaxKernelAr
 
   // Sweep 2: the gradient for an upstream gradient of 1, from the registers (one chunk)
   // or reading the row again.
-  gradient_sweep<D, VEC, NV>(a, in, row, y, result.stats, 1.0f, a.chunks == 1, z, r_old, r_new);
+  gradient_sweep<D, NV>(a, c, layout, io, chunks, chunks == 1, slots, y, result.stats, 1.0f);
 }
 
 // Rewrites the gradient of the rows that recompute_row selects (counted, upstream != 1)
 // from the inputs and the forward's stats; every other row keeps what the forward wrote.
-template <typename D, int VEC, int NV>
-__global__ void __launch_bounds__(512) softmax_backward_kernel(const SoftmaxKernelArgs a) {
+template <typename D, int NV>
+__global__ void __launch_bounds__(kMaxRowThreads) softmax_backward_kernel(const SoftmaxKernelArgs a) {
   using S = typename D::storage;
   const int64_t row = blockIdx.x;
   const float upstream = D::to_float(static_cast<const S*>(a.upstream)[row * a.upstream_stride]);
-  const int64_t y = read_target(a.target, row * a.target_stride, a.target_is_int64);
-  if (!recompute_row(classify_target(y, a.has_ignore_index, a.ignore_index, a.row.num_classes), upstream)) return;
-
-  const SoftmaxRowStats stats = load_row_stats(a.stats + row * kSoftmaxStatFloats);
-  float z[NV][VEC] = {}, r_old[NV][VEC] = {}, r_new[NV][VEC] = {};
-  gradient_sweep<D, VEC, NV>(a, RowInputs<D>(a, row), row, y, stats, upstream, false, z, r_old, r_new);
+  const int64_t target = read_target(a.target, row * a.target_stride, a.target_is_int64);
+  if (!recompute_row(classify_target(target, a.has_ignore_index, a.ignore_index, a.row.num_classes), upstream)) {
+    return;
+  }
+  const SoftmaxRowConsts c(a.row, a.class_bias != nullptr);
+  const RowLayout layout(a.row.num_classes, a.row.num_old_classes, kVec<D>);
+  ChunkSlots<D, NV> slots;
+  gradient_sweep<D, NV>(a, c, layout, RowPointers<D>(a, row), row_chunks(layout, NV), false, slots,
+                        static_cast<int>(target), load_row_stats(a.stats + row * kSoftmaxStatFloats), upstream);
 }
 
 int next_power_of_two(int64_t n) {
@@ -223,36 +344,31 @@ int next_power_of_two(int64_t n) {
   return p;
 }
 
-int clamp_threads(int64_t wanted, int low, int high) {
+// Threads per row: enough for the row to be one chunk (in registers) up to
+// kMaxRowThreads; a longer row is streamed by kStreamThreads.
+constexpr int kStreamThreads = 512;
+
+int row_threads(const RowLayout& layout) {
+  const int64_t wanted = (static_cast<int64_t>(layout.slots) + kSlotsPerThread - 1) / kSlotsPerThread;
+  if (wanted > kMaxRowThreads) return kStreamThreads;
   const int p = next_power_of_two(wanted);
-  return p < low ? low : (p > high ? high : p);
+  return p < 32 ? 32 : p;
 }
 
-// One block per row, in the launch shape of the row length; the backward kernel runs in
-// the forward's shape.
+// One block per row; the backward runs in the forward's shape.
 template <typename D, bool kBackward>
 void launch_rows(SoftmaxKernelArgs a, const SoftmaxInputs& in, uintptr_t grad, cudaStream_t stream) {
   using S = typename D::storage;
-  constexpr int VEC = 16 / sizeof(S);       // elements per 16-byte slot
-  constexpr int kSlotsBig = 16 / VEC;       // 16 elements per thread per chunk
+  constexpr int VEC = kVec<D>;
   a.vec_logits = slots_aligned<S, VEC>(in.logits, in.logits_row_stride);
   a.vec_old = in.row.has_old && slots_aligned<S, VEC>(in.old_logits, in.old_row_stride);
   a.vec_new = in.row.has_new && slots_aligned<S, VEC>(in.new_logits, in.new_row_stride);
   a.vec_bias = in.class_bias != 0 && slots_aligned<float, VEC>(in.class_bias, 0);
   a.vec_grad = grad != 0 && slots_aligned<S, VEC>(grad, in.row.num_classes);
-  const int64_t C = in.row.num_classes;
+  const RowLayout layout(in.row.num_classes, in.row.num_old_classes, VEC);
   const dim3 grid(static_cast<unsigned>(in.num_rows));
-  if (C <= 256 * VEC) {  // one slot per thread, up to 256 threads
-    const int threads = clamp_threads((C + VEC - 1) / VEC, 32, 256);
-    a.chunks = 1;
-    auto kernel = kBackward ? softmax_backward_kernel<D, VEC, 1> : softmax_loss_kernel<D, VEC, 1>;
-    kernel<<<grid, threads, 0, stream>>>(a);
-  } else {  // 16 elements per thread, up to 512 threads; rows past kCachedRowLimit: chunks
-    const int threads = C <= kCachedRowLimit ? clamp_threads((C + 15) / 16, 32, 512) : 512;
-    a.chunks = static_cast<int>((C + threads * 16 - 1) / (threads * 16));
-    auto kernel = kBackward ? softmax_backward_kernel<D, VEC, kSlotsBig> : softmax_loss_kernel<D, VEC, kSlotsBig>;
-    kernel<<<grid, threads, 0, stream>>>(a);
-  }
+  auto kernel = kBackward ? softmax_backward_kernel<D, kSlotsPerThread> : softmax_loss_kernel<D, kSlotsPerThread>;
+  kernel<<<grid, row_threads(layout), 0, stream>>>(a);
   check_cuda(cudaGetLastError(), kBackward ? "launch of softmax_backward_kernel" : "launch of softmax_loss_kernel");
 }
 

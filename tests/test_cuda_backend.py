@@ -209,8 +209,10 @@ def test_focal_distillation_with_fewer_reference_classes(dtype, kind, focus):
 
 
 # --------------------------------------------------------------------------- softmax family: shapes
-# small rows (one 16-byte slot per thread), rows kept in registers (up to 8192 classes),
-# and streamed rows (several chunks); class counts not multiples of any block
+# small rows (one 16-byte slot per thread), rows kept in registers (up to 4096 classes
+# of float32, 8192 of 16-bit: _C.ROW_THREADS * _C.SLOTS_PER_THREAD slots), and streamed
+# rows (several chunks); class counts not multiples of any block, K = 2C/3 not a
+# multiple of the slot either
 SHAPES = [(333, 1), (333, 7), (512, 100), (256, 1000), (128, 1025), (64, 4099), (64, 8192), (32, 8193), (16, 21843),
           (8, 50000)]
 
@@ -225,7 +227,7 @@ def test_mpt_loss_shapes(dtype, n, c):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("c", [1000, 32768, 131072])  # rows in registers, streamed in 4 and in 16 chunks
+@pytest.mark.parametrize("c", [1000, 32768, 131072])  # rows in registers, streamed in 4-8 and in 16-32 chunks
 def test_realistic_shapes(dtype, c):
     n, k = 4096, c // 2 + 3
     z, old, new, y = softmax_inputs(n, c, k, dtype, 60 + c % 7)

@@ -1,9 +1,11 @@
-"""The CUDA kernels' shared math (csrc/loss_math.cuh), run on the host, against the reference.
+"""The CUDA kernels' shared math (csrc/loss_math.cuh, csrc/softmax_math.cuh), on the host.
 
 ``mpt_kernels._C`` compiles the same ``__host__ __device__`` functions the kernels call
-into host entry points over CPU float32 buffers (csrc/host_math.cpp). A row is split
-into lanes merged in a tree, as a block's threads split and merge it, so the online
-softmax and argmax merges are exercised too. The reference runs in float64.
+into host entry points over CPU float32 buffers (csrc/host_math.cpp), checked against
+the reference. A softmax row is walked as the kernels walk it (slots per segment, dealt
+to lanes, folded a chunk at a time) by a few lanes merged in a tree, as a block's
+threads split and merge it, so the chunked statistics, the argmax tests and the merges
+are exercised too. The reference runs in float64.
 
 The backward's path is run the same way: the forward's saved row statistics, the
 inputs and an upstream gradient go through the kernels' decision (recompute only
@@ -218,24 +220,6 @@ def test_logsumexp_merge_propagates_nan(lanes, slot):
 
 
 @needs_extension
-@pytest.mark.parametrize("lanes, slot", LANE_SPLITS)
-@pytest.mark.parametrize(
-    "values",
-    [
-        [1.0, 3.0, 2.0, 3.0],
-        [0.0] * 9 + [5.0] + [0.0] * 20 + [5.0] + [5.0],
-        [-INF] * 11,
-        [-INF, -INF, -1e4, -1e4],
-        [1.0, NAN, 3.0, NAN],
-        [-INF] * 30 + [NAN],
-    ],
-)
-def test_argmax_merge_matches_torch_ties_and_nan(values, lanes, slot):
-    expected = torch.argmax(torch.tensor(values, dtype=torch.float32)).item()
-    assert _host_reduce(_C.host_argmax, values, lanes, slot) == expected
-
-
-@needs_extension
 def test_lanes_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         _host_reduce(_C.host_logsumexp, [1.0, 2.0], 3, 1)
@@ -298,7 +282,14 @@ def _call(function, inputs: dict, **more):
     function(**{k: v for k, v in inputs.items() if k != "_keep"}, **more)
 
 
-def _host_rows(args, *, lanes=8, slot=4, with_grad=True, mean=False):
+# (threads, slot width, slots per chunk) of the kernels' row walk: the kernels run slots
+# of 4 (float32) or 8 (16-bit) columns in chunks of _C.SLOTS_PER_THREAD slots; smaller
+# splits put C = 37 classes through many chunks, slots that straddle K = 23, and lanes
+# with no slot at all.
+ROW_SPLITS = [(1, 1, 1), (2, 1, 2), (8, 4, 1), (8, 4, 2), (32, 4, 2), (4, 8, 2), (2, 8, 1), (64, 8, 2)]
+
+
+def _host_rows(args, *, lanes=8, slot=4, rounds=2, with_grad=True, mean=False):
     """The forward: per-row losses, the gradient for an upstream gradient of 1 (times
     1/count with ``mean``) and the rows' saved statistics."""
     inputs = _host_inputs(args)
@@ -306,16 +297,18 @@ def _host_rows(args, *, lanes=8, slot=4, with_grad=True, mean=False):
     loss = torch.empty(n, dtype=torch.float32)
     grad = torch.empty(n, c, dtype=torch.float32) if with_grad else None
     stats = torch.empty(n, _C.SOFTMAX_STAT_FLOATS, dtype=torch.float32) if with_grad else None
-    _call(_C.host_softmax_rows, inputs, mean=mean, lanes=lanes, slot=slot, loss=_ptr(loss), grad=_ptr(grad),
-          stats=_ptr(stats))
+    _call(_C.host_softmax_rows, inputs, mean=mean, lanes=lanes, slot=slot, rounds=rounds, loss=_ptr(loss),
+          grad=_ptr(grad), stats=_ptr(stats))
     return loss, grad, stats
 
 
-def _host_rows_backward(args, stats: torch.Tensor, upstream: torch.Tensor, grad: torch.Tensor) -> None:
+def _host_rows_backward(args, stats: torch.Tensor, upstream: torch.Tensor, grad: torch.Tensor, *, lanes=8,
+                        slot=4, rounds=2) -> None:
     """The backward kernel's rewrite of ``grad`` (in place); upstream: () or (N,)."""
     upstream = upstream.to(torch.float32)
     _call(_C.host_softmax_rows_backward, _host_inputs(args), stats=_ptr(stats), upstream=_ptr(upstream),
-          upstream_stride=upstream.stride(0) if upstream.dim() == 1 else 0, grad=_ptr(grad))
+          upstream_stride=upstream.stride(0) if upstream.dim() == 1 else 0, lanes=lanes, slot=slot, rounds=rounds,
+          grad=_ptr(grad))
 
 
 def _reference_rows(make_args, z, old, new, y):
@@ -327,8 +320,8 @@ def _reference_rows(make_args, z, old, new, y):
     return rows.detach(), grad
 
 
-def _check_rows(make_args, z, old, new, y, *, lanes=8, slot=4, rtol=1e-5, atol=1e-5):
-    host_loss, host_grad, _ = _host_rows(make_args(z, old, new, y), lanes=lanes, slot=slot)
+def _check_rows(make_args, z, old, new, y, *, lanes=8, slot=4, rounds=2, rtol=1e-5, atol=1e-5):
+    host_loss, host_grad, _ = _host_rows(make_args(z, old, new, y), lanes=lanes, slot=slot, rounds=rounds)
     ref_loss, ref_grad = _reference_rows(make_args, z, old, new, y)
     torch.testing.assert_close(host_loss.double(), ref_loss, rtol=rtol, atol=atol, equal_nan=True)
     torch.testing.assert_close(host_grad.double(), ref_grad, rtol=rtol, atol=atol, equal_nan=True)
@@ -370,10 +363,15 @@ def test_mpt_rows_match_reference(kind, focus, sources, bias):
 
 
 @needs_extension
-@pytest.mark.parametrize("lanes, slot", LANE_SPLITS)
-def test_rows_do_not_depend_on_the_split(lanes, slot):
+@pytest.mark.parametrize("lanes, slot, rounds", ROW_SPLITS)
+@pytest.mark.parametrize("kind, focus", [("kl", "neg_flip"), ("lm", "ref_correct"), ("kl", "student_wrong")])
+def test_rows_do_not_depend_on_the_split(lanes, slot, rounds, kind, focus):
     z, old, new, y = _softmax_data(7)
-    loss, grad = _check_rows(_mpt(label_smoothing=0.2, scale_by_tau_sq=True), z, old, new, y, lanes=lanes, slot=slot)
+    for y_split in (0, K - 1, K, C - 1):  # targets at the segments' ends
+        y[y_split % N] = y_split
+    options = dict(label_smoothing=0.2, scale_by_tau_sq=True, kind=kind, focus=focus, new_class_bias=1.5,
+                   num_old_classes=K)
+    loss, grad = _check_rows(_mpt(**options), z, old, new, y, lanes=lanes, slot=slot, rounds=rounds)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
