@@ -332,12 +332,22 @@ def _gradient_block(
                 p = tl.math.exp2(z * _LOG2E + (offset * _LOG2E - lse_ce))
             one_hot = tl.where(cols == y, 1.0 - label_smoothing, 0.0)
             grad = coef_ce * (p - one_hot - label_smoothing * inv_num_classes)
-        if OLD_HERE:
+        if OLD_HERE and HAS_NEW and IS_KL:
+            # both sources: the student's q over all classes is its q over the old ones
+            # times 2^(LSE_old - LSE_all) <= 1, one exponential for both
             r_old = tl.load(old_row + cols, mask=mask, other=0.0).to(tl.float32)
-            grad += _distill_grad(z, r_old, lse_c_old, lse_a_old, coef_old, kt, IS_KL)
-        if HAS_NEW:
             r_new = tl.load(new_row + cols, mask=mask, other=0.0).to(tl.float32)
-            grad += _distill_grad(z, r_new, lse_c_new, lse_a_new, coef_new, kt, IS_KL)
+            q_old = tl.math.exp2(z * kt - lse_c_old)
+            q_new = q_old * tl.math.exp2(lse_c_old - lse_c_new)
+            grad += coef_old * (q_old - tl.math.exp2(r_old * kt - lse_a_old))
+            grad += coef_new * (q_new - tl.math.exp2(r_new * kt - lse_a_new))
+        else:
+            if OLD_HERE:
+                r_old = tl.load(old_row + cols, mask=mask, other=0.0).to(tl.float32)
+                grad += _distill_grad(z, r_old, lse_c_old, lse_a_old, coef_old, kt, IS_KL)
+            if HAS_NEW:
+                r_new = tl.load(new_row + cols, mask=mask, other=0.0).to(tl.float32)
+                grad += _distill_grad(z, r_new, lse_c_new, lse_a_new, coef_new, kt, IS_KL)
     tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=mask)
 
 
