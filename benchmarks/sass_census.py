@@ -158,7 +158,7 @@ extern "C" __global__ void __launch_bounds__(kMaxRowThreads) census_gradient(
 
 
 def loop_bodies(sass: str) -> list:
-    """[(first, last) instruction index] of every loop (a branch back to an earlier address)."""
+    """(first, last, opcodes) of every loop body (a branch back to an earlier address), by instruction index."""
     lines = [line for line in sass.split("\n") if re.search(r"/\*[0-9a-f]{4}\*/", line)]
     address = [int(re.search(r"/\*([0-9a-f]{4})\*/", line).group(1), 16) for line in lines]
     loops = []
@@ -182,14 +182,33 @@ def report(name: str, ops: list, per: int, note: str) -> None:
     print("    " + ", ".join(f"{op} {n / per:.2f}" for op, n in counts.most_common(12)))
 
 
-def triton_census() -> None:
+def run_triton_script(script: str) -> str:
+    """stdout of ``script`` after the tests' ahead-of-time compile prelude, run without the interpreter."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from sm90_compile import PRELUDE  # the tests' ahead-of-time compile
+    from sm90_compile import PRELUDE
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", PRELUDE + TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    return subprocess.run([sys.executable, "-c", PRELUDE + script], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def cuda_sass(source: str) -> tuple:
+    """(SASS, ptxas's report) of a .cu file compiled for sm_90 against csrc/."""
+    import triton  # for its bundled cuobjdump
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "census.cubin")
+        build = subprocess.run(["nvcc", "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc"), "-cubin",
+                                "-arch=sm_90", "-Xptxas", "-v", "-o", cubin, source],
+                               capture_output=True, text=True, check=True)
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return sass, build.stderr
+
+
+def triton_census() -> None:
+    out = run_triton_script(TRITON_SCRIPT)
     import triton
 
     print(f"Triton {triton.__version__}, sm_90, bf16 logits, bool targets, forward with gradient and tile sums")
@@ -200,16 +219,7 @@ def triton_census() -> None:
 
 
 def cuda_census() -> None:
-    import triton  # for its bundled cuobjdump
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "multilabel.cubin")
-        build = subprocess.run(["nvcc", "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc"), "-cubin",
-                                "-arch=sm_90", "-Xptxas", "-v", "-o", cubin,
-                                os.path.join(ROOT, "csrc", "multilabel_loss.cu")],
-                               capture_output=True, text=True, check=True)
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    sass, ptxas = cuda_sass(os.path.join(ROOT, "csrc", "multilabel_loss.cu"))
     version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     print(f"nvcc ({version}), sm_90, bf16 logits, uint8 (bool) targets, forward kernel")
     wanted = "multilabel_loss_kernelINS_8BFloat16ENS_5UInt8"
@@ -220,44 +230,39 @@ def cuda_census() -> None:
             float_ops = sum(counts[op] for op in FLOAT_PIPE)
             print(f"  cuda hill+splc: {len(ops)} instructions in the kernel; {float_ops / 16:.1f} float-pipe and "
                   f"{counts['MUFU'] / 16:.2f} MUFU per element (both losses, 8 elements each)")
-    registers = sorted(set(re.findall(r"Used (\d+) registers", build.stderr)), key=int)
+    registers = sorted(set(re.findall(r"Used (\d+) registers", ptxas)), key=int)
     print(f"  registers per thread across the file's kernels: {', '.join(registers)}")
+
+
+def slots_per_thread() -> int:
+    """kSlotsPerThread of csrc/launchers.h: the census kernel's slots per iteration."""
+    with open(os.path.join(ROOT, "csrc", "launchers.h")) as f:
+        return int(re.search(r"constexpr int kSlotsPerThread = (\d+);", f.read()).group(1))
 
 
 def softmax_census() -> None:
     import triton
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from sm90_compile import PRELUDE
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", PRELUDE + TRITON_SOFTMAX_SCRIPT], env=env, capture_output=True,
-                         text=True, check=True).stdout
-    header, sass = out.split("@@ ", 1)[1].split("\n", 1)
+    header, sass = run_triton_script(TRITON_SOFTMAX_SCRIPT).split("@@ ", 1)[1].split("\n", 1)
     per = int(header)
     print(f"Triton {triton.__version__}, sm_90, mpt_loss (kl, both sources, new-class bias, ref_correct), bf16, "
           f"C = 32768: loop bodies, {per} elements per thread per iteration")
     for first, last, ops in loop_bodies(sass):
         report(f"  triton loop [{first}:{last}]", ops, per, "one iteration")
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "census.cu")
         with open(source, "w") as f:
             f.write('#include "launchers.h"\n' + CUDA_SOFTMAX_CENSUS)
-        cubin = os.path.join(tmp, "census.cubin")
-        build = subprocess.run(["nvcc", "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc"), "-cubin", "-arch=sm_90",
-                                "-Xptxas", "-v", "-o", cubin, source], capture_output=True, text=True, check=True)
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    per = 2 * 8  # kSlotsPerThread slots of 8 bf16
+        sass, ptxas = cuda_sass(source)
+    per = slots_per_thread() * 8  # slots of 8 bf16
     print(f"nvcc, sm_90, the same options as constants, bf16: loop bodies, {per} elements per thread per iteration")
     for function in re.split(r"\n\s+Function : ", sass)[1:]:
         name = function.split("\n", 1)[0].strip()
         for first, last, ops in loop_bodies(function):
             report(f"  cuda {name} [{first}:{last}]", ops, per, "one iteration")
-    registers = ", ".join(re.findall(r"Used (\d+) registers", build.stderr))
-    spills = ", ".join(re.findall(r"(\d+) bytes spill stores", build.stderr))
+    registers = ", ".join(re.findall(r"Used (\d+) registers", ptxas))
+    spills = ", ".join(re.findall(r"(\d+) bytes spill stores", ptxas))
     print(f"  registers: {registers}; spill stores: {spills} bytes")
 
 

@@ -124,29 +124,30 @@ __device__ __forceinline__ void store_pack(S* p, const S (&in)[VEC]) {
   }
 }
 
-// The VEC values of row columns [col0, col0 + VEC) as float32; columns >= cols read 0.
-// Full slots use 16-byte loads when `aligned`, the rest (tail, misaligned) scalar loads.
+// The VEC values of row columns [col0, col0 + VEC) as float32; columns outside [lo, hi)
+// read 0. Full slots use 16-byte loads when `aligned`, the rest (ends, misaligned)
+// scalar loads.
 template <typename D, int VEC>
-__device__ __forceinline__ void load_slot(const typename D::storage* row, int64_t col0, int64_t cols,
+__device__ __forceinline__ void load_slot(const typename D::storage* row, int64_t col0, int64_t lo, int64_t hi,
                                           bool aligned, float* out) {
   using S = typename D::storage;
-  if (aligned && col0 + VEC <= cols) {
+  if (aligned && col0 >= lo && col0 + VEC <= hi) {
     S raw[VEC];
     load_pack<VEC>(row + col0, raw);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) out[e] = D::to_float(raw[e]);
   } else {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) out[e] = col0 + e < cols ? D::to_float(row[col0 + e]) : 0.0f;
+    for (int e = 0; e < VEC; ++e) out[e] = col0 + e >= lo && col0 + e < hi ? D::to_float(row[col0 + e]) : 0.0f;
   }
 }
 
-// Stores the first min(VEC, cols - col0) values of `values` (float32) to the row.
+// Stores `values` (float32) to the row's columns [col0, col0 + VEC) that lie in [lo, hi).
 template <typename D, int VEC>
-__device__ __forceinline__ void store_slot(typename D::storage* row, int64_t col0, int64_t cols,
+__device__ __forceinline__ void store_slot(typename D::storage* row, int64_t col0, int64_t lo, int64_t hi,
                                            bool aligned, const float* values) {
   using S = typename D::storage;
-  if (aligned && col0 + VEC <= cols) {
+  if (aligned && col0 >= lo && col0 + VEC <= hi) {
     S raw[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) raw[e] = D::from_float(values[e]);
@@ -154,9 +155,22 @@ __device__ __forceinline__ void store_slot(typename D::storage* row, int64_t col
   } else {
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      if (col0 + e < cols) row[col0 + e] = D::from_float(values[e]);
+      if (col0 + e >= lo && col0 + e < hi) row[col0 + e] = D::from_float(values[e]);
     }
   }
+}
+
+// The same with no lower bound: the columns of [col0, col0 + VEC) below `cols`.
+template <typename D, int VEC>
+__device__ __forceinline__ void load_slot(const typename D::storage* row, int64_t col0, int64_t cols, bool aligned,
+                                          float* out) {
+  load_slot<D, VEC>(row, col0, col0, cols, aligned, out);
+}
+
+template <typename D, int VEC>
+__device__ __forceinline__ void store_slot(typename D::storage* row, int64_t col0, int64_t cols, bool aligned,
+                                           const float* values) {
+  store_slot<D, VEC>(row, col0, col0, cols, aligned, values);
 }
 
 // --------------------------------------------------------------------------- block reductions

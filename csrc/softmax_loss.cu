@@ -85,7 +85,7 @@ __device__ __forceinline__ void set_word(RawSlot& raw, int w, uint32_t value) {
   if (w == 3) raw.w = value;
 }
 
-// The 32-bit word of two 16-bit values (element 2w low, 2w + 1 high), and back.
+// The 32-bit word of two 16-bit values (element 2w low, 2w + 1 high), or of one float32.
 template <typename D>
 __device__ __forceinline__ uint32_t word_of(typename D::storage lo, typename D::storage hi) {
   if constexpr (sizeof(typename D::storage) == 4) {
@@ -116,15 +116,14 @@ __device__ __forceinline__ void unpack(const RawSlot& raw, float (&out)[kVec<D>]
   }
 }
 
-// The slot's columns of `row`; masked columns (outside the span) read as `fill`.
+// The slot's columns of `row`; masked columns (outside the span) read as -inf.
 template <typename D>
-__device__ __forceinline__ RawSlot load_raw(const typename D::storage* row, const SlotSpan& span, bool aligned,
-                                            float fill) {
+__device__ __forceinline__ RawSlot load_raw(const typename D::storage* row, const SlotSpan& span, bool aligned) {
   using S = typename D::storage;
   constexpr int VEC = kVec<D>;
   constexpr int PER_WORD = VEC / 4;
   if (aligned && span.full(VEC)) return *reinterpret_cast<const RawSlot*>(row + span.col0);
-  const S masked = D::from_float(fill);
+  const S masked = D::from_float(-kInf);
   RawSlot raw;
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
@@ -134,40 +133,6 @@ __device__ __forceinline__ RawSlot load_raw(const typename D::storage* row, cons
     set_word(raw, w, word_of<D>(lo, hi));
   }
   return raw;
-}
-
-// The float32 class_bias of the slot's columns (0 where masked).
-template <int VEC>
-__device__ __forceinline__ void load_bias(const float* bias, const SlotSpan& span, bool aligned, float (&out)[VEC]) {
-  if (aligned && span.full(VEC)) {
-    load_pack<VEC>(bias + span.col0, out);
-  } else {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) out[e] = span.has(span.col0 + e) ? bias[span.col0 + e] : 0.0f;
-  }
-}
-
-// Stores the slot's columns (only those in the span) of the gradient row.
-template <typename D>
-__device__ __forceinline__ void store_span(typename D::storage* row, const SlotSpan& span, bool aligned,
-                                           const float (&g)[kVec<D>]) {
-  using S = typename D::storage;
-  constexpr int VEC = kVec<D>;
-  S values[VEC];
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) values[e] = D::from_float(g[e]);
-  if (aligned && span.full(VEC)) {
-    constexpr int PER_WORD = VEC / 4;
-    RawSlot raw;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) set_word(raw, w, word_of<D>(values[w * PER_WORD], values[w * PER_WORD + PER_WORD - 1]));
-    *reinterpret_cast<RawSlot*>(row + span.col0) = raw;
-  } else {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      if (span.has(span.col0 + e)) row[span.col0 + e] = values[e];
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------- one row
@@ -204,9 +169,9 @@ struct ChunkSlots {
       const int s = slot(chunk, k);
       if (s >= layout.slots) break;
       const SlotSpan span = layout.span(s);
-      z[k] = load_raw<D>(row.z, span, a.vec_logits, -kInf);
-      if (a.row.has_old && span.old_segment) r_old[k] = load_raw<D>(row.old, span, a.vec_old, -kInf);
-      if (a.row.has_new) r_new[k] = load_raw<D>(row.neu, span, a.vec_new, -kInf);
+      z[k] = load_raw<D>(row.z, span, a.vec_logits);
+      if (a.row.has_old && span.old_segment) r_old[k] = load_raw<D>(row.old, span, a.vec_old);
+      if (a.row.has_new) r_new[k] = load_raw<D>(row.neu, span, a.vec_new);
     }
   }
 
@@ -221,7 +186,7 @@ struct ChunkSlots {
     unpack<D>(z[k], v.z);
     if (a.row.has_old && v.span.old_segment) unpack<D>(r_old[k], v.r_old);
     if (a.row.has_new) unpack<D>(r_new[k], v.r_new);
-    if (a.class_bias != nullptr) load_bias(a.class_bias, v.span, a.vec_bias, v.delta);
+    if (a.class_bias != nullptr) load_slot<Float32, kVec<D>>(a.class_bias, v.span.col0, v.span.lo, v.span.hi, a.vec_bias, v.delta);
     return v;
   }
 };
@@ -243,7 +208,7 @@ __device__ __forceinline__ void gradient_sweep(const SoftmaxKernelArgs& a, const
       if (!v.present) break;
       float g[kVec<D>];
       slot_gradient(c, stats, upstream, y, v, g);
-      store_span<D>(row.grad, v.span, a.vec_grad, g);
+      store_slot<D, kVec<D>>(row.grad, v.span.col0, v.span.lo, v.span.hi, a.vec_grad, g);
     }
   }
 }
@@ -285,7 +250,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) softmax_loss_kernel(const Soft
     if (io.grad != nullptr) {
       const float zeros[kVec<D>] = {};
       for (int col0 = threadIdx.x * kVec<D>; col0 < C; col0 += blockDim.x * kVec<D>) {
-        store_span<D>(io.grad, SlotSpan{col0, 0, C, true}, a.vec_grad, zeros);
+        store_slot<D, kVec<D>>(io.grad, col0, C, a.vec_grad, zeros);
       }
     }
     return;

@@ -263,11 +263,12 @@ MPT_HD void teacher_statistics(Lse2& teacher, float& distill, float& prefix, con
     r_max = fmaxf(r_max, slot_max);
     if (c.argmax_r) raise_prefix(prefix, s.span, r, slot_max, y);
   }
-  if (!c.p.kl) {
+  float shift = 0.0f;
+  if (c.p.kl) {
+    distill = rescaled(distill, lse2_raise(teacher, r_max, c.kt, shift));
+  } else {  // kind "lm": only the maximum, for the argmax
     teacher.max = fmaxf(teacher.max, r_max);
   }
-  float shift = 0.0f;
-  if (c.p.kl) distill = rescaled(distill, lse2_raise(teacher, r_max, c.kt, shift));
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const SlotValues<VEC> s = slot(k);
