@@ -96,6 +96,9 @@ def main():
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--triton-maxnreg", default=None,
                         help="register cap of the Triton softmax kernels: a number, or 'none' (default: the module's)")
+    parser.add_argument("--triton-chunk", default=None, metavar="CLASSES|none",
+                        help="chunked rows in the Triton softmax forward with gradient: classes per chunk, "
+                             "or 'none' for one program per row (default: the module's, chunk_classes)")
     parser.add_argument("--multilabel-tile", default=None, metavar="ELEMENTS[:WARPS]",
                         help="elements (and warps) per program of the Triton multi-label kernel "
                              "(default: the module's, TILE_ELEMENTS and TILE_WARPS)")
@@ -106,10 +109,13 @@ def main():
         elements, _, warps = args.multilabel_tile.partition(":")
         triton_multilabel.TILE_ELEMENTS = int(elements)
         triton_multilabel.TILE_WARPS = int(warps) if warps else None
-    if args.triton_maxnreg is not None:
+    if args.triton_maxnreg is not None or args.triton_chunk is not None:
         from mpt_kernels.backends import triton_softmax
 
-        triton_softmax.MAX_REGISTERS = None if args.triton_maxnreg == "none" else int(args.triton_maxnreg)
+        if args.triton_maxnreg is not None:
+            triton_softmax.MAX_REGISTERS = None if args.triton_maxnreg == "none" else int(args.triton_maxnreg)
+        if args.triton_chunk is not None:
+            triton_softmax.chunk_classes = None if args.triton_chunk == "none" else int(args.triton_chunk)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
     if args.cprofile:

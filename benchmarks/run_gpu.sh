@@ -10,7 +10,8 @@
 # (default 200: the small-shape tests), GPU_TIMEOUT_S, GPU_WORKERS, HUGE_TIMEOUT_S, MICRO_TIMEOUT_S, SANITIZE=0 (no
 # compute-sanitizer), SANITIZE_K (its pytest -k), SANITIZE_TIMEOUT_S, TEST_WORKERS,
 # SKIP_TESTS=1 (the whole budget to the sweep), SKIP_MICRO=1, SKIP_BENCH=1, PROFILE=1 (profile_kernels.py first;
-# PROFILE_ARGS, CPROFILE_TARGETS, PROFILE_TILES="4096:8 8192:8 ..." for the multi-label tiles), PYTHON
+# PROFILE_ARGS, CPROFILE_TARGETS, PROFILE_TILES="4096:8 8192:8 ..." for the multi-label tiles,
+# PROFILE_CHUNKS="none 4096 8192 ..." for the Triton softmax's chunked rows), PYTHON
 # (default python3), BENCH_ARGS (extra arguments for `mpt-kernels bench`, e.g.
 # "--loss mpt_kl hill_loss"). Wheels under .whl/ (Liger-Kernel, say) are installed first
 # when present.
@@ -60,6 +61,12 @@ if [ "${PROFILE:-0}" = "1" ]; then
         section "kernel profile, multi-label tile $tile"
         "$PYTHON" benchmarks/profile_kernels.py --loss hill_loss splc_loss --backend triton \
             --multilabel-tile "$tile" 2>&1 | grep -v Warning | tee -a "$RESULTS/profile-$STAMP.txt"
+    done
+    # the Triton softmax forward's chunked rows (classes per chunk, or none), one after another
+    for chunk in ${PROFILE_CHUNKS:-}; do
+        section "kernel profile, Triton softmax chunks of $chunk classes"
+        "$PYTHON" benchmarks/profile_kernels.py --loss mpt_kl mpt_lm --backend triton \
+            --triton-chunk "$chunk" 2>&1 | grep -v Warning | tee -a "$RESULTS/profile-$STAMP.txt"
     done
     for target in ${CPROFILE_TARGETS:-triton:mpt_kl:8192}; do
         section "host time by function: $target"

@@ -72,15 +72,17 @@ block, warps = TS._launch_config(32768, 2)
 FLOATS = ["new_class_bias", "label_smoothing", "inv_tau", "kl_scale", "alpha", "beta", "ce_weight", "old_weight",
           "new_weight"]
 types = dict(z_ptr="*bf16", target_ptr="*i64", old_ptr="*bf16", new_ptr="*bf16", bias_ptr="*fp32",
-             rows_ptr="*fp32", grad_ptr="*bf16", stats_ptr="*fp32", inv_count_ptr="*fp32",
-             **{name: "fp32" for name in FLOATS})
+             rows_ptr="*fp32", grad_ptr="*bf16", stats_ptr="*fp32", inv_count_ptr="*fp32", sync_ptr="*i32",
+             records_ptr="*fp32", **{name: "fp32" for name in FLOATS})
 aligned = ["z_ptr", "old_ptr", "new_ptr", "grad_ptr", "z_row_stride", "old_row_stride", "new_row_stride",
            "num_classes", "num_old", "num_read", "split"]
-sass = compile_kernel(TS._mpt_loss_kernel, types, dict(
-    HAS_CE=True, HAS_OLD=True, HAS_NEW=True, IS_KL=True, FOCUS_REF=True, FOCUS_STUDENT=False, BIAS=TS.BIAS_NEW_CLASSES,
-    MEAN=True, WRITE_GRAD=True, BLOCK_C=block), warps, aligned=aligned, maxnreg=TS.MAX_REGISTERS)
-print("@@", block // (32 * warps))
-print(sass)
+for chunks in (0, 4):  # one program per row; chunked rows (C = 32768 in chunks of 8192)
+    sass = compile_kernel(TS._mpt_loss_kernel, types, dict(
+        HAS_CE=True, HAS_OLD=True, HAS_NEW=True, IS_KL=True, FOCUS_REF=True, FOCUS_STUDENT=False,
+        BIAS=TS.BIAS_NEW_CLASSES, MEAN=True, WRITE_GRAD=True, BLOCK_C=block, CHUNKS=chunks), warps,
+        aligned=aligned, maxnreg=TS.MAX_REGISTERS)
+    print("@@", chunks, block // (32 * warps))
+    print(sass)
 print("compiled")
 '''
 
@@ -243,12 +245,14 @@ def slots_per_thread() -> int:
 def softmax_census() -> None:
     import triton
 
-    header, sass = run_triton_script(TRITON_SOFTMAX_SCRIPT).split("@@ ", 1)[1].split("\n", 1)
-    per = int(header)
-    print(f"Triton {triton.__version__}, sm_90, mpt_loss (kl, both sources, new-class bias, ref_correct), bf16, "
-          f"C = 32768: loop bodies, {per} elements per thread per iteration")
-    for first, last, ops in loop_bodies(sass):
-        report(f"  triton loop [{first}:{last}]", ops, per, "one iteration")
+    for part in run_triton_script(TRITON_SOFTMAX_SCRIPT).split("@@ ")[1:]:
+        header, sass = part.split("\n", 1)
+        chunks, per = (int(word) for word in header.split())
+        layout = f"chunked rows ({chunks} chunks)" if chunks else "one program per row"
+        print(f"Triton {triton.__version__}, sm_90, mpt_loss (kl, both sources, new-class bias, ref_correct), bf16, "
+              f"C = 32768, {layout}: loop bodies, {per} elements per thread per iteration")
+        for first, last, ops in loop_bodies(sass):
+            report(f"  triton loop [{first}:{last}]", ops, per, "one iteration")
 
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "census.cu")

@@ -7,7 +7,7 @@ after a prelude that defines ``compile_kernel(fn, types, constexprs, num_warps, 
 **options)``: it lowers ``fn`` to a cubin for sm_90 with Triton's own ptxas (the arguments
 named in ``aligned`` that ``fn`` has are specialised as divisible by 16, as the JIT does for
 aligned tensors),
-asserts that nothing spills to local memory, and returns the SASS text. The body must print
+asserts that nothing spills (neither a stack frame nor local memory), and returns the SASS text. The body must print
 "compiled" at the end.
 """
 
@@ -40,9 +40,10 @@ def compile_kernel(fn, types, constexprs, num_warps, aligned=(), **options):
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name],
                               capture_output=True, text=True, check=True).stdout
-    regs, local = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage).groups()
-    print(fn.__name__, constexprs, "registers", regs, "local bytes", local)
-    assert local == "0", f"{fn.__name__} {constexprs} spills {local} bytes"
+    regs, stack, local = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage).groups()
+    print(fn.__name__, constexprs, "registers", regs, "stack bytes", stack, "local bytes", local)
+    # spills land in the stack frame (STACK) as well as in LOCAL
+    assert local == "0" and stack == "0", f"{fn.__name__} {constexprs} spills: stack {stack}, local {local} bytes"
     return sass
 '''
 

@@ -191,21 +191,24 @@ def loss_and_grad(call, logits, grad_output_of):
 
 
 class SmallBlocks:
-    """Shrinks the Triton blocks (CPU only) so that a few dozen classes cross several."""
+    """Shrinks the Triton blocks (CPU only) so that a few dozen classes cross several,
+    and cuts the softmax family's rows into chunks of two blocks (lag 1 row), so that the
+    cases with small blocks run the chunked kernel and the others one program per row."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and not ON_GPU
 
     def __enter__(self):
-        self.saved = (TS.block_size_override, TM.tile_shape, triton_sum.BLOCK)
+        self.saved = (TS.block_size_override, TS.chunk_classes, TS.lag_override, TM.tile_shape, triton_sum.BLOCK)
         if self.enabled:
             TS.block_size_override = 16
+            TS.chunk_classes, TS.lag_override = 32, 1
             TM.tile_shape = lambda n_rows, n_cols: (2, 16)
             triton_sum.BLOCK = 4
         return self
 
     def __exit__(self, *exc):
-        TS.block_size_override, TM.tile_shape, triton_sum.BLOCK = self.saved
+        TS.block_size_override, TS.chunk_classes, TS.lag_override, TM.tile_shape, triton_sum.BLOCK = self.saved
         return False
 
 

@@ -50,13 +50,23 @@ N, C, K = 6, 150, 70  # C and K not multiples of SMALL_BLOCK; K falls inside a b
 FUNCTIONS = {"mpt_loss", "margin_cross_entropy", "focal_distillation"}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, params=["rows", "chunks"])
 def small_blocks(request, monkeypatch):
     """A small class block (and a small step of the loss's row sum, so that a few rows
-    cross several) under the interpreter (not for the GPU tests)."""
-    if request.node.get_closest_marker("gpu") is None and "default_blocks" not in request.node.name:
+    cross several) under the interpreter (not for the GPU tests).
+
+    Every test runs twice: with one program per row, and with chunked rows (``chunks``:
+    chunks of two blocks, so C = 150 makes three and K = 70 falls inside the second, and
+    a lag of 2 rows, so that the first programs only publish statistics and the last only
+    write gradients). On a GPU the chunks are 8192 classes, with the lag the launcher
+    chooses."""
+    gpu = request.node.get_closest_marker("gpu") is not None
+    if not gpu and "default_blocks" not in request.node.name:
         monkeypatch.setattr(TS, "block_size_override", SMALL_BLOCK)
         monkeypatch.setattr(triton_sum, "BLOCK", 4)
+    if request.param == "chunks":
+        monkeypatch.setattr(TS, "chunk_classes", 8192 if gpu else 2 * SMALL_BLOCK)
+        monkeypatch.setattr(TS, "lag_override", None if gpu else 2)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -529,6 +539,14 @@ def test_masked_classes(label_smoothing):
         assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
 
 
+@pytest.mark.parametrize("focus", ["neg_flip", "student_wrong"])
+def test_negative_logits(focus):
+    """Every logit far below 0: no statistic may treat 0 as "nothing seen yet" (a max or
+    a prefix max starts at -inf, in every part of a row)."""
+    z, y, old, new = make_inputs(104)
+    check("mpt_loss", z - 40.0, y, old - 60.0, new - 50.0, focus=focus, reduction="none")
+
+
 def test_nan_propagates():
     z, y, old, new = make_inputs(110, ignore_rows=(5,))
     z[0, 100] = float("nan")        # student, in a late block
@@ -591,19 +609,22 @@ from mpt_kernels.backends import triton_softmax as TS
 FLOATS = ["new_class_bias", "label_smoothing", "inv_tau", "kl_scale", "alpha", "beta",
           "ce_weight", "old_weight", "new_weight"]
 ALL_ON = dict(HAS_CE=True, HAS_OLD=True, HAS_NEW=True, IS_KL=True, FOCUS_REF=True, FOCUS_STUDENT=True,
-              BIAS=TS.BIAS_VECTOR, MEAN=True, WRITE_GRAD=True)
+              BIAS=TS.BIAS_VECTOR, MEAN=True, WRITE_GRAD=True, CHUNKS=0)
 BACKWARD_CONSTEXPRS = ("HAS_CE", "HAS_OLD", "HAS_NEW", "IS_KL", "BIAS", "BLOCK_C")
 for dtype, target, changes, classes in [
     ("fp16", "i64", {}, 131072),
+    ("bf16", "i64", dict(BIAS=TS.BIAS_NEW_CLASSES, CHUNKS=16), 131072),  # chunked rows
     ("bf16", "i32", dict(IS_KL=False, FOCUS_REF=False, BIAS=TS.BIAS_NEW_CLASSES, MEAN=False), 32768),
     ("fp32", "i64", dict(HAS_OLD=False, HAS_NEW=False), 131072),
     ("bf16", "i64", dict(HAS_CE=False, HAS_NEW=False, BIAS=TS.BIAS_NONE, WRITE_GRAD=False), 1000),
 ]:
     block, num_warps = TS._launch_config(classes, 4 if dtype == "fp32" else 2)
-    cap = {} if TS.MAX_REGISTERS is None else {"maxnreg": TS.MAX_REGISTERS}  # as the launcher does
+    # as the launcher does: the register cap only where rows are 16-byte aligned
+    cap = {} if TS.MAX_REGISTERS is None or classes % 16 else {"maxnreg": TS.MAX_REGISTERS}
     types = dict(z_ptr="*" + dtype, old_ptr="*" + dtype, new_ptr="*" + dtype, grad_ptr="*" + dtype,
                  upstream_ptr="*" + dtype, target_ptr="*" + target, bias_ptr="*fp64", rows_ptr="*fp32",
-                 stats_ptr="*fp32", inv_count_ptr="*fp32", z_row_stride="i64", ignore_index="i64",
+                 stats_ptr="*fp32", inv_count_ptr="*fp32", sync_ptr="*i32", records_ptr="*fp32",
+                 z_row_stride="i64", ignore_index="i64",
                  **{name: "fp32" for name in FLOATS})
     constexprs = dict(ALL_ON, **changes, BLOCK_C=block)
     # what the JIT specialises: fresh tensors are 16-byte aligned; a class count that is a

@@ -33,7 +33,11 @@ is served by L2 while the rows in flight fit there (rows in flight x ``s·C·byt
 ``s`` input streams, against the H200's 50 MB; with the 64-register cap up to 4 programs,
 so rows, per SM: 528 rows). At C = 131072 the second sweep reads DRAM again, which caps
 ``mpt_loss`` with both sources near 58% of the copy bandwidth (the H200 run measured
-54-56%). A plain ``loss.backward()`` costs nothing more (measured on the H200, N = 4096,
+54-56%). Chunked rows (``chunk_classes``, see RECORD) bound that distance by the chunk
+instead of C: programs sweep chunks of rows and write the gradient of chunks of an
+earlier row once its chunks' statistics are published. They are tested (CPU
+interpreter, sm_90 compile) but off until a GPU has timed them against one program per
+row. A plain ``loss.backward()`` costs nothing more (measured on the H200, N = 4096,
 bf16, C = 8192 to 131072: the backward kernel for an upstream of 1 ran about 5 µs against
 0.12-1.7 ms for the forward that wrote the gradient). The backward
 kernel reads the upstream gradient on the device and returns at once where it is 1 (per
@@ -61,6 +65,7 @@ kept for the backward, so pass row-strided views, not transposed ones).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -136,14 +141,21 @@ def _lse_total(m, l, scale):
 
 
 @triton.jit
-def _prefix_max(prefix, running, x, cols, start, y, BLOCK_C: tl.constexpr):
-    """Per tile row, the max of x over the classes j < y seen so far (for the argmax);
-    ``running`` is the running max including this block."""
-    if start + BLOCK_C <= y:
-        prefix = running
-    elif start < y:
-        prefix = tl.maximum(prefix, tl.max(tl.where(cols < y, x, _NEG_INF), 1))
-    return prefix
+def _prefix_max(prefix, running, start, y, BLOCK_C: tl.constexpr):
+    """Per tile row, the max of x over the blocks seen so far that lie wholly before
+    class y (for the argmax); ``running`` is the running max including this block. The
+    part of y's own block before y is added once, after the sweep (see _statistics):
+    a branch here, in every block, cost about 16 registers and made the loops' register
+    allocation erratic (64 to 123 across equivalent loop bounds)."""
+    return tl.where(start + BLOCK_C <= y, running, prefix)
+
+
+@triton.jit
+def _max_before(row, y, width, BLOCK_C: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr):
+    """Per tile row, the max of x_j over the classes of y's block with j < y and j < width."""
+    cols = _tile((y // BLOCK_C) * BLOCK_C, VEC, ROWS)
+    x = tl.load(row + cols, mask=cols < width, other=_NEG_INF).to(tl.float32)  # 16-byte loads
+    return tl.max(tl.where(cols < y, x, _NEG_INF), 1)
 
 
 @triton.jit
@@ -179,7 +191,7 @@ def _teacher_stats_step(m_a, l_a, kl_sum, sq_sum, prefix, z, r, mask, cols, star
         m_a = tl.maximum(m_a, r_max)
         diff = z - r
         sq_sum += tl.sum(tl.where(mask, diff * diff, 0.0), 1)
-    prefix = _prefix_max(prefix, m_a, r, cols, start, y, BLOCK_C)
+    prefix = _prefix_max(prefix, m_a, start, y, BLOCK_C)
     return m_a, l_a, kl_sum, sq_sum, prefix
 
 
@@ -210,7 +222,7 @@ def _stats_block(
     # The student over the block's columns serves both sources (its statistics over the
     # old columns are the old source's; the compiler drops what no term uses).
     m_z, l_c, unused_rescale, unused_e = _online_lse(m_z, l_c, z, z_max, 0.0, kt)
-    prefix_z = _prefix_max(prefix_z, m_z, z, cols, start, y, BLOCK_C)
+    prefix_z = _prefix_max(prefix_z, m_z, start, y, BLOCK_C)
     if OLD_HERE:
         r_old = tl.load(old_row + cols, mask=mask, other=_NEG_INF).to(tl.float32)
         m_a_old, l_a_old, kl_old, sq_old, prefix_old = _teacher_stats_step(
@@ -354,14 +366,15 @@ def _gradient_block(
 @triton.jit
 def _gradient_sweep(
     z_row, old_row, new_row, bias_ptr, bias_stride, grad_row,
-    y, split, num_classes, new_class_bias, label_smoothing, kt,
+    y, split, lo, hi, num_classes, new_class_bias, label_smoothing, kt,
     lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
     HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr,
     IS_KL: tl.constexpr, BIAS: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
 ):
-    """Writes row i of the gradient (a counted row), dL_i/dz_ij times whatever the
-    coefficients hold (row scale, weights, focal weights, upstream gradient), rounded once
-    to the gradient's dtype. The forward and the backward kernel both run this.
+    """Writes the classes [lo, hi) (lo a multiple of BLOCK_C) of row i of the gradient (a
+    counted row): dL_i/dz_ij times whatever the coefficients hold (row scale, weights,
+    focal weights, upstream gradient), rounded once to the gradient's dtype. Both kernels
+    run this, on the whole row or on one chunk of it.
 
     The blocks go last to first: the statistics sweep read them first to last, so the
     most recently read, likeliest still in L2, come first. The classes >= split (the new
@@ -372,8 +385,9 @@ def _gradient_sweep(
         new_offset = new_class_bias
     else:
         new_offset = 0.0
-    first_new = (split // BLOCK_C) * BLOCK_C
-    num_new_blocks = tl.cdiv(num_classes - first_new, BLOCK_C)
+    # loops over the chunk's blocks, masks at the segments' bounds (see _statistics)
+    first_new = tl.maximum(lo, (split // BLOCK_C) * BLOCK_C)
+    num_new_blocks = tl.cdiv(hi - first_new, BLOCK_C)
     last_new = first_new + (num_new_blocks - 1) * BLOCK_C
     for i in range(0, num_new_blocks):
         _gradient_block(
@@ -381,51 +395,49 @@ def _gradient_sweep(
             y, new_offset, label_smoothing, inv_num_classes, kt,
             lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
             HAS_CE, False, HAS_NEW, IS_KL, BIAS, VEC, ROWS)
-    num_old_blocks = tl.cdiv(split, BLOCK_C)
+    num_old_blocks = tl.cdiv(tl.minimum(hi, split) - lo, BLOCK_C)
     for i in range(0, num_old_blocks):
         _gradient_block(
-            z_row, old_row, new_row, bias_ptr, bias_stride, grad_row, (num_old_blocks - 1 - i) * BLOCK_C, 0, split,
-            y, 0.0, label_smoothing, inv_num_classes, kt,
+            z_row, old_row, new_row, bias_ptr, bias_stride, grad_row, lo + (num_old_blocks - 1 - i) * BLOCK_C,
+            0, split, y, 0.0, label_smoothing, inv_num_classes, kt,
             lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
             HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, VEC, ROWS)
 
 
-# --------------------------------------------------------------------------- the kernels
 @triton.jit
-def _mpt_loss_kernel(
-    z_ptr, z_row_stride,
-    target_ptr, target_stride,
-    old_ptr, old_row_stride,
-    new_ptr, new_row_stride,
-    bias_ptr, bias_stride,
-    rows_ptr, grad_ptr, stats_ptr, inv_count_ptr,
-    num_classes, num_old, num_read, split, ignore_index,
-    new_class_bias, label_smoothing, inv_tau, kl_scale, alpha, beta,
-    ce_weight, old_weight, new_weight,
-    HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr,
-    IS_KL: tl.constexpr, FOCUS_REF: tl.constexpr, FOCUS_STUDENT: tl.constexpr,
-    BIAS: tl.constexpr, MEAN: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    VEC: tl.constexpr = 128 // z_ptr.dtype.element_ty.primitive_bitwidth  # 16 bytes per load
+def _zero_gradient(grad_row, lo, hi, num_classes, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """An ignored row's gradient over the blocks [lo, hi) of a row of C classes: exactly
+    0, whatever its logits hold."""
     ROWS: tl.constexpr = BLOCK_C // VEC
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
-    z_row = z_ptr + row * z_row_stride
-    old_row = old_ptr + row * old_row_stride
-    new_row = new_ptr + row * new_row_stride
-    kt = inv_tau * _LOG2E  # s/τ in base 2
+    for start in range(lo, hi, BLOCK_C):
+        cols = _tile(start, VEC, ROWS)
+        tl.store(grad_row + cols, tl.zeros([ROWS, VEC], dtype=grad_row.dtype.element_ty), mask=cols < num_classes)
 
-    # ---- the target: ignored rows read nothing and get 0; an out-of-range one (only
-    # possible on a GPU, see _validation) reads class 0 and gets NaN.
+
+# --------------------------------------------------------------------------- one row's pieces
+@triton.jit
+def _row_target(target_ptr, target_stride, row, ignore_index, num_classes):
+    """(counted, in range, both, y as an int32 column in [0, C)). An ignored row reads
+    nothing and gets 0; an out-of-range target (only possible on a GPU, see _validation)
+    reads class 0 and gets NaN."""
     y = tl.load(target_ptr + row * target_stride).to(tl.int64)
     counted = y != ignore_index
     in_range = (y >= 0) & (y < num_classes)
     target_ok = counted & in_range
-    y_safe = tl.where(target_ok, y, 0).to(tl.int32)  # in [0, C): int32 column arithmetic
-    read_limit = tl.where(counted, num_read, 0)  # an ignored row's loops run no block
-    split_limit = tl.where(counted, split, 0)
+    return counted, in_range, target_ok, tl.where(target_ok, y, 0).to(tl.int32)
 
-    # ---- statistics sweep: the classes < split (old source read; no bias b), then the rest
+
+@triton.jit
+def _statistics(
+    z_row, old_row, new_row, bias_ptr, bias_stride, lo, hi, split_limit, read_limit, y, new_offset, kt,
+    HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr, IS_KL: tl.constexpr,
+    BIAS: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+):
+    """The statistics sweep over the classes [lo, hi) (lo a multiple of BLOCK_C) that a row
+    reads (< read_limit; 0 for an ignored row), per tile row: the classes < split (old
+    source read; no bias b), then the rest. The student is also returned as it stood after
+    the old classes (m_z_old, l_c_old: the old source's LSE(s/τ))."""
+    ROWS: tl.constexpr = BLOCK_C // VEC
     m_ce = tl.full([ROWS], _NEG_INF, tl.float32)
     l_ce = tl.zeros([ROWS], tl.float32)
     sum_biased = tl.zeros([ROWS], tl.float32)
@@ -442,40 +454,61 @@ def _mpt_loss_kernel(
     kl_new = tl.zeros([ROWS], tl.float32)
     sq_new = tl.zeros([ROWS], tl.float32)
     prefix_new = tl.full([ROWS], _NEG_INF, tl.float32)
-    for start in range(0, split_limit, BLOCK_C):
+    # The loops run over the chunk's blocks; the masks are the segments' bounds, which the
+    # chunk's never cut (its ends are multiples of the block, or C): bounds the compiler
+    # knows to be multiples of 16 keep the loads 16 bytes wide (a masked chunk end did
+    # not, and cost the statistics loop about 40 registers).
+    for start in range(lo, tl.minimum(hi, split_limit), BLOCK_C):
         (m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
          m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _stats_block(
             m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
             m_a_new, l_a_new, kl_new, sq_new, prefix_new,
-            z_row, old_row, new_row, bias_ptr, bias_stride, start, 0, split_limit, y_safe, 0.0, kt,
+            z_row, old_row, new_row, bias_ptr, bias_stride, start, 0, split_limit, y, 0.0, kt,
             HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC, ROWS)
-    # the student over the old classes, for the old source
-    lse_c_old, unused_total, unused_factor = _lse_total(m_z, l_c, kt)
-    student_max_old = tl.max(m_z, 0)
-    if BIAS == 2:
-        new_offset = new_class_bias
-    else:
-        new_offset = 0.0
-    for start in range((split_limit // BLOCK_C) * BLOCK_C, read_limit, BLOCK_C):
+    m_z_old = m_z
+    l_c_old = l_c
+    for start in range(tl.maximum(lo, (split_limit // BLOCK_C) * BLOCK_C), tl.minimum(hi, read_limit), BLOCK_C):
         (m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
          m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _stats_block(
             m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
             m_a_new, l_a_new, kl_new, sq_new, prefix_new,
-            z_row, old_row, new_row, bias_ptr, bias_stride, start, split_limit, read_limit, y_safe,
-            new_offset, kt, HAS_CE, False, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC, ROWS)
+            z_row, old_row, new_row, bias_ptr, bias_stride, start, split_limit, read_limit, y, new_offset, kt,
+            HAS_CE, False, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC, ROWS)
+    # the argmax tests' prefix maxima: the classes of y's block before y, if the block is here
+    y_block = (y // BLOCK_C) * BLOCK_C
+    if (y_block >= lo) & (y_block < hi) & (y_block < y):
+        prefix_z = tl.maximum(prefix_z, _max_before(z_row, y, read_limit, BLOCK_C, VEC, ROWS))
+        if HAS_OLD:
+            prefix_old = tl.maximum(prefix_old, _max_before(old_row, y, split_limit, BLOCK_C, VEC, ROWS))
+        if HAS_NEW:
+            prefix_new = tl.maximum(prefix_new, _max_before(new_row, y, read_limit, BLOCK_C, VEC, ROWS))
+    return (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+            prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new)
 
-    # ---- the row's loss, in the order of spec §3, and each term's gradient coefficient
-    # for an upstream gradient of 1 (1/count for "mean"; NaN for a target out of range)
-    if MEAN:
-        row_scale = tl.load(inv_count_ptr)
-    else:
-        row_scale = 1.0
+
+@triton.jit
+def _row_terms(
+    m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+    prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new,
+    z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
+    num_classes, num_old, new_class_bias, label_smoothing, inv_tau, kt, kl_scale, alpha, beta,
+    ce_weight, old_weight, new_weight,
+    HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr, IS_KL: tl.constexpr,
+    FOCUS_REF: tl.constexpr, FOCUS_STUDENT: tl.constexpr, BIAS: tl.constexpr,
+):
+    """The row's loss, in the order of spec §3, and each term's gradient coefficient for an
+    upstream gradient of 1 (``row_scale``: 1/count for "mean"; NaN for a target out of
+    range), from the row's statistics given as vectors of parts: a program's tile rows
+    (_statistics) or the chunks of the row (_load_chunk_records); an online log-sum-exp
+    part is its max and its sum relative to that max (see _online_lse)."""
     row_scale = tl.where(in_range, row_scale, float("nan"))
-    z_at_y = tl.load(z_row + y_safe, mask=target_ok, other=0.0).to(tl.float32)
-    student_is_y_old = _is_argmax(z_at_y, student_max_old, tl.max(prefix_z, 0), y_safe, num_old)
-    student_is_y_new = _is_argmax(z_at_y, tl.max(m_z, 0), tl.max(prefix_z, 0), y_safe, num_classes)
+    z_at_y = tl.load(z_row + y, mask=target_ok, other=0.0).to(tl.float32)
+    student_max_old = tl.max(m_z_old, 0)
+    student_is_y_old = _is_argmax(z_at_y, student_max_old, tl.max(prefix_z, 0), y, num_old)
+    student_is_y_new = _is_argmax(z_at_y, tl.max(m_z, 0), tl.max(prefix_z, 0), y, num_classes)
     lse_ce = 0.0
     coef_ce = 0.0
+    lse_c_old = 0.0
     lse_a_old = 0.0
     coef_old = 0.0
     lse_c_new = 0.0
@@ -488,7 +521,7 @@ def _mpt_loss_kernel(
         # not lse_ce · ln 2: a row of one class then has LSE = z̃ exactly, and loss 0
         row_max_ce = tl.max(m_ce, 0)
         lse_ce_natural = tl.where(row_max_ce == _NEG_INF, 0.0, row_max_ce) + tl.math.log2(total_ce) * _LN2
-        z_target = z_at_y + _class_bias(bias_ptr, bias_stride, y_safe, target_ok, num_old, new_class_bias, BIAS)
+        z_target = z_at_y + _class_bias(bias_ptr, bias_stride, y, target_ok, num_old, new_class_bias, BIAS)
         nll = lse_ce_natural - z_target
         # (ε/C) Σ_j (LSE - z̃_j); skipped at ε = 0, where 0 · inf would be NaN on masked classes
         smoothing = tl.where(label_smoothing == 0.0, 0.0,
@@ -496,16 +529,17 @@ def _mpt_loss_kernel(
         row_loss += ce_weight * ((1.0 - label_smoothing) * nll + smoothing)
         coef_ce = row_scale * ce_weight
     if HAS_OLD:
-        r_at_y = tl.load(old_row + y_safe, mask=target_ok & (y_safe < num_old), other=0.0).to(tl.float32)
-        ref_is_y = _is_argmax(r_at_y, tl.max(m_a_old, 0), tl.max(prefix_old, 0), y_safe, num_old)
+        lse_c_old, unused_total, unused_factor = _lse_total(m_z_old, l_c_old, kt)
+        r_at_y = tl.load(old_row + y, mask=target_ok & (y < num_old), other=0.0).to(tl.float32)
+        ref_is_y = _is_argmax(r_at_y, tl.max(m_a_old, 0), tl.max(prefix_old, 0), y, num_old)
         w_old = _focal_weight(ref_is_y, student_is_y_old, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
         d_old, lse_a_old, d_factor_old = _distill_row(
             lse_c_old, m_a_old, l_a_old, kl_old, sq_old, num_old, inv_tau, kt, kl_scale, IS_KL)
         row_loss += old_weight * w_old * d_old
         coef_old = row_scale * old_weight * w_old * d_factor_old
     if HAS_NEW:
-        r_at_y = tl.load(new_row + y_safe, mask=target_ok, other=0.0).to(tl.float32)
-        ref_is_y = _is_argmax(r_at_y, tl.max(m_a_new, 0), tl.max(prefix_new, 0), y_safe, num_classes)
+        r_at_y = tl.load(new_row + y, mask=target_ok, other=0.0).to(tl.float32)
+        ref_is_y = _is_argmax(r_at_y, tl.max(m_a_new, 0), tl.max(prefix_new, 0), y, num_classes)
         w_new = _focal_weight(ref_is_y, student_is_y_new, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
         lse_c_new, unused_total, unused_factor = _lse_total(m_z, l_c, kt)
         d_new, lse_a_new, d_factor_new = _distill_row(
@@ -513,24 +547,196 @@ def _mpt_loss_kernel(
         row_loss += new_weight * w_new * d_new
         coef_new = row_scale * new_weight * w_new * d_factor_new
     row_loss = tl.where(in_range, row_loss, float("nan"))
-    tl.store(rows_ptr + row, tl.where(counted, row_loss, 0.0))
+    return row_loss, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new
 
-    # ---- gradient sweep for an upstream gradient of 1, and what a backward needs to redo it
-    if WRITE_GRAD:
-        grad_row = grad_ptr + row * num_classes
-        _store_row_stats(stats_ptr + row * NUM_STATS, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old,
-                         lse_c_new, lse_a_new, coef_new, HAS_CE, HAS_OLD, HAS_NEW)
-        if counted:
-            _gradient_sweep(
-                z_row, old_row, new_row, bias_ptr, bias_stride, grad_row,
-                y_safe, split, num_classes, new_class_bias, label_smoothing, kt,
-                lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
+
+# --------------------------------------------------------------------------- chunked rows
+# A long row's two sweeps are far apart in time: the inputs of every row in flight pass
+# through L2 between a block's statistics read and its gradient read, so at large C the
+# second read comes from DRAM again. Chunked, a row is cut into chunks of ``chunk_blocks``
+# blocks handled by different programs: a program takes a ticket t (an atomic counter, so that
+# tickets follow the order in which programs really started), sweeps the statistics of
+# chunk t % S of row t // S and publishes them as a record; then it writes the gradient of
+# the same chunk of the row ``lag`` rows earlier, once all S records of that row are
+# published (by programs with smaller tickets: started, so the wait cannot deadlock). The
+# data read between a chunk's two reads is then about lag·S chunks, set by the chunk size
+# and not by C. Each record is one 128-byte line of float32 (RECORD).
+RECORD = tl.constexpr(32)
+
+
+@triton.jit
+def _store_lse_part(record, FIELD: tl.constexpr, m, l, scale):
+    """One online log-sum-exp of a chunk, its tile rows combined, at FIELD and FIELD + 1:
+    the max and the sum relative to the max's shift. Returns the tile rows' factors onto
+    that shift."""
+    unused_lse, total, factor = _lse_total(m, l, scale)
+    tl.store(record + FIELD, tl.max(m, 0))
+    tl.store(record + FIELD + 1, total)
+    return factor
+
+
+@triton.jit
+def _store_teacher_part(record, FIELD: tl.constexpr, m_a, l_a, kl_sum, sq_sum, prefix, kt):
+    """One distillation source of a chunk at FIELD .. FIELD + 4."""
+    factor = _store_lse_part(record, FIELD, m_a, l_a, kt)
+    tl.store(record + FIELD + 2, tl.sum(kl_sum * factor, 0))  # onto the teacher's shift, as l
+    tl.store(record + FIELD + 3, tl.sum(sq_sum, 0))
+    tl.store(record + FIELD + 4, tl.max(prefix, 0))
+
+
+@triton.jit
+def _store_chunk_record(
+    record, m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+    prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new, kt,
+):
+    """A chunk's statistics as one record (field order as in _load_chunk_records)."""
+    _store_lse_part(record, 0, m_ce, l_ce, _LOG2E)
+    tl.store(record + 2, tl.sum(sum_biased, 0))
+    _store_lse_part(record, 3, m_z_old, l_c_old, kt)
+    _store_lse_part(record, 5, m_z, l_c, kt)
+    tl.store(record + 7, tl.max(prefix_z, 0))
+    _store_teacher_part(record, 8, m_a_old, l_a_old, kl_old, sq_old, prefix_old, kt)
+    _store_teacher_part(record, 13, m_a_new, l_a_new, kl_new, sq_new, prefix_new, kt)
+
+
+@triton.jit
+def _record_field(records, valid, FIELD: tl.constexpr, EMPTY: tl.constexpr):
+    # .cg: from L2, where other SMs' records land (never a stale L1 line)
+    return tl.load(records + FIELD, mask=valid, other=EMPTY, cache_modifier=".cg")
+
+
+@triton.jit
+def _load_chunk_records(row_records, num_chunks, CHUNKS: tl.constexpr):
+    """A row's chunk records as [CHUNKS] vectors, in _statistics's order (absent chunks
+    empty: max -inf, sums 0)."""
+    chunk = tl.arange(0, CHUNKS)
+    valid = chunk < num_chunks
+    records = row_records + chunk * RECORD
+    return (_record_field(records, valid, 0, _NEG_INF), _record_field(records, valid, 1, 0.0),
+            _record_field(records, valid, 2, 0.0), _record_field(records, valid, 3, _NEG_INF),
+            _record_field(records, valid, 4, 0.0), _record_field(records, valid, 5, _NEG_INF),
+            _record_field(records, valid, 6, 0.0), _record_field(records, valid, 7, _NEG_INF),
+            _record_field(records, valid, 8, _NEG_INF), _record_field(records, valid, 9, 0.0),
+            _record_field(records, valid, 10, 0.0), _record_field(records, valid, 11, 0.0),
+            _record_field(records, valid, 12, _NEG_INF), _record_field(records, valid, 13, _NEG_INF),
+            _record_field(records, valid, 14, 0.0), _record_field(records, valid, 15, 0.0),
+            _record_field(records, valid, 16, 0.0), _record_field(records, valid, 17, _NEG_INF))
+
+
+@triton.jit
+def _publish(flag):
+    """Counts one more published record of a row, after every thread's stores."""
+    tl.debug_barrier()
+    tl.atomic_add(flag, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait_for(flag, count):
+    """Spins until ``count`` records of a row are published."""
+    seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+    while seen < count:
+        seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+
+
+# --------------------------------------------------------------------------- the kernels
+@triton.jit
+def _mpt_loss_kernel(
+    z_ptr, z_row_stride,
+    target_ptr, target_stride,
+    old_ptr, old_row_stride,
+    new_ptr, new_row_stride,
+    bias_ptr, bias_stride,
+    rows_ptr, grad_ptr, stats_ptr, inv_count_ptr, sync_ptr, records_ptr,
+    num_rows, num_classes, num_old, num_read, split, ignore_index, chunk_blocks, num_chunks, lag,
+    new_class_bias, label_smoothing, inv_tau, kl_scale, alpha, beta,
+    ce_weight, old_weight, new_weight,
+    HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr,
+    IS_KL: tl.constexpr, FOCUS_REF: tl.constexpr, FOCUS_STUDENT: tl.constexpr,
+    BIAS: tl.constexpr, MEAN: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr,
+):
+    """CHUNKS = 0: one program per row (grid N). CHUNKS > 0 (a power of two >= num_chunks,
+    WRITE_GRAD only): chunked rows, grid (N + lag) · num_chunks (see RECORD)."""
+    VEC: tl.constexpr = 128 // z_ptr.dtype.element_ty.primitive_bitwidth  # 16 bytes per load
+    kt = inv_tau * _LOG2E  # s/τ in base 2
+    if MEAN:
+        row_scale = tl.load(inv_count_ptr)
+    else:
+        row_scale = 1.0
+    if BIAS == 2:
+        new_offset = new_class_bias
+    else:
+        new_offset = 0.0
+
+    if CHUNKS == 0:
+        row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2^31
+        lo = 0
+        hi = num_classes
+        write_row = True
+    else:
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")  # only the count matters
+        chunk = ticket % num_chunks
+        lo = chunk * chunk_blocks * BLOCK_C  # a visible multiple of the block: 16-byte loads
+        hi = tl.minimum(lo + chunk_blocks * BLOCK_C, num_classes)
+        write_row = chunk == 0
+        # ---- statistics of chunk `chunk` of row `ticket // num_chunks`, published
+        stats_row = (ticket // num_chunks).to(tl.int64)
+        if stats_row < num_rows:
+            counted, in_range, target_ok, y = _row_target(target_ptr, target_stride, stats_row, ignore_index,
+                                                          num_classes)
+            (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+             prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _statistics(
+                z_ptr + stats_row * z_row_stride, old_ptr + stats_row * old_row_stride,
+                new_ptr + stats_row * new_row_stride, bias_ptr, bias_stride, lo, hi,
+                tl.where(counted, split, 0), tl.where(counted, num_read, 0), y, new_offset, kt,
                 HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
-        else:  # ignored rows: exactly 0, whatever their logits hold
-            for start in range(0, num_classes, BLOCK_C):
-                cols = _tile(start, VEC, ROWS)
-                tl.store(grad_row + cols, tl.zeros([ROWS, VEC], dtype=grad_row.dtype.element_ty),
-                         mask=cols < num_classes)
+            _store_chunk_record(
+                records_ptr + (stats_row * num_chunks + chunk) * RECORD,
+                m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+                prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new, kt)
+            _publish(sync_ptr + 1 + stats_row)
+        # ---- then the same chunk of the row `lag` rows earlier, once its records are all in
+        row = stats_row - lag
+    if row >= 0:
+        z_row = z_ptr + row * z_row_stride
+        old_row = old_ptr + row * old_row_stride
+        new_row = new_ptr + row * new_row_stride
+        counted, in_range, target_ok, y = _row_target(target_ptr, target_stride, row, ignore_index, num_classes)
+        if CHUNKS == 0:
+            (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+             prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _statistics(
+                z_row, old_row, new_row, bias_ptr, bias_stride, 0, num_classes,
+                tl.where(counted, split, 0), tl.where(counted, num_read, 0), y, new_offset, kt,
+                HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
+        else:
+            _wait_for(sync_ptr + 1 + row, num_chunks)
+            (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+             prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _load_chunk_records(
+                records_ptr + row * num_chunks * RECORD, num_chunks, CHUNKS)
+        (row_loss, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new) = _row_terms(
+            m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+            prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new,
+            z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
+            num_classes, num_old, new_class_bias, label_smoothing, inv_tau, kt, kl_scale, alpha, beta,
+            ce_weight, old_weight, new_weight,
+            HAS_CE, HAS_OLD, HAS_NEW, IS_KL, FOCUS_REF, FOCUS_STUDENT, BIAS)
+        if write_row:
+            tl.store(rows_ptr + row, tl.where(counted, row_loss, 0.0))
+            if WRITE_GRAD:  # what a backward needs to redo the gradient sweep
+                _store_row_stats(stats_ptr + row * NUM_STATS, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old,
+                                 lse_c_new, lse_a_new, coef_new, HAS_CE, HAS_OLD, HAS_NEW)
+
+        # ---- gradient sweep over [lo, hi) for an upstream gradient of 1
+        if WRITE_GRAD:
+            grad_row = grad_ptr + row * num_classes
+            if counted:
+                _gradient_sweep(
+                    z_row, old_row, new_row, bias_ptr, bias_stride, grad_row,
+                    y, split, lo, hi, num_classes, new_class_bias, label_smoothing, kt,
+                    lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
+                    HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
+            else:
+                _zero_gradient(grad_row, lo, hi, num_classes, BLOCK_C, VEC)
 
 
 @triton.jit
@@ -556,17 +762,14 @@ def _mpt_loss_backward_kernel(
     VEC: tl.constexpr = 128 // z_ptr.dtype.element_ty.primitive_bitwidth
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
-    y = tl.load(target_ptr + row * target_stride).to(tl.int64)
-    counted = y != ignore_index
-    if (g != 1.0) & counted:
-        in_range = (y >= 0) & (y < num_classes)
-        y_safe = tl.where(in_range, y, 0).to(tl.int32)  # out of range: NaN coefficients already
+    counted, in_range, target_ok, y = _row_target(target_ptr, target_stride, row, ignore_index, num_classes)
+    if (g != 1.0) & counted:  # (a target out of range has NaN coefficients already)
         (lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new,
          coef_new) = _load_row_stats(stats_ptr + row * NUM_STATS, HAS_CE, HAS_OLD, HAS_NEW)
         _gradient_sweep(
             z_ptr + row * z_row_stride, old_ptr + row * old_row_stride, new_ptr + row * new_row_stride,
             bias_ptr, bias_stride, grad_ptr + row * num_classes,
-            y_safe, split, num_classes, new_class_bias, label_smoothing, inv_tau * _LOG2E,
+            y, split, 0, num_classes, num_classes, new_class_bias, label_smoothing, inv_tau * _LOG2E,
             lse_ce, g * coef_ce, lse_c_old, lse_a_old, g * coef_old, lse_c_new, lse_a_new, g * coef_new,
             HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
 
@@ -585,8 +788,9 @@ def _inverse_count_kernel(target_ptr, target_stride, num_rows, ignore_index, out
 
 
 # --------------------------------------------------------------------------- launchers
-# Registers per thread: 64 lets four programs of 8 warps share an SM (50% occupancy);
-# sm_90 ptxas fits the fully specialised forward in 64 without spilling (about 70 unbounded).
+# Registers per thread: 64 lets four programs of 8 warps share an SM (50% occupancy).
+# Unbounded, sm_90 ptxas gives the fully specialised forward 48 (58 chunked), so 48 (five
+# programs) is the next setting to time (benchmarks/profile_kernels.py --triton-maxnreg).
 MAX_REGISTERS = 64
 
 
@@ -602,6 +806,42 @@ def _launch_config(num_classes: int, element_size: int) -> tuple[int, int]:
         block = max(vec * 32, min(triton.next_power_of_2(num_classes), vec * 32 * 8))
     num_warps = max(1, min(8, block // (vec * 32)))
     return block, num_warps
+
+
+# Chunked rows (see RECORD) in the forward that writes the gradient: the classes per chunk
+# (rounded down to a multiple of the block), or None for one program per row. Off until
+# timed on a GPU against one program per row; tests set it small, and lag_override too.
+chunk_classes: Optional[int] = None
+lag_override: Optional[int] = None
+
+
+def _chunking(num_rows: int, num_classes: int, block: int, num_warps: int, device: torch.device) -> tuple[int, int]:
+    """(classes per chunk, lag in rows) for a forward that writes the gradient; (0, 0):
+    one program per row. The lag covers the programs an SM holds at once (by threads
+    and by registers), over all SMs: the chunks a program waits for then started about
+    one wave earlier, so a wait is rare, and the data read between a chunk's two reads
+    is about one wave's chunks."""
+    if chunk_classes is None:
+        return 0, 0
+    chunk = max(block, chunk_classes // block * block)
+    num_chunks = -(-num_classes // chunk)
+    if num_chunks < 2:
+        return 0, 0
+    if lag_override is not None:
+        lag = lag_override
+    else:
+        threads = 32 * num_warps
+        per_sm = min(2048 // threads, 65536 // ((MAX_REGISTERS or 64) * threads), 32)
+        lag = -(-_multiprocessors(device) * per_sm // num_chunks)
+    lag = max(1, min(lag, num_rows))
+    if (num_rows + lag) * num_chunks >= 2**31:  # tickets are int32
+        return 0, 0
+    return chunk, lag
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _needs_class_copy(x: torch.Tensor) -> bool:
@@ -648,6 +888,7 @@ class _Plan:
     bias_mode: int
     block: int
     num_warps: int
+    max_registers: Optional[int]
 
     @staticmethod
     def of(args: SoftmaxLossArgs) -> _Plan:
@@ -667,13 +908,21 @@ class _Plan:
         # the rest in two loops; without an old source or b one loop does (split = 0).
         split = args.num_old_classes if (has_old or bias_mode == BIAS_NEW_CLASSES) else 0
         block, num_warps = _launch_config(num_classes, args.logits.element_size())
-        return _Plan(has_ce, has_old, has_new, args.kind == "kl", num_read, split, bias_mode, block, num_warps)
+        # The register cap where the JIT sees 16-byte-aligned rows (every row stride and
+        # split a multiple of 16 elements). Elsewhere the loads are narrow, each with its
+        # own address: at C = 1000 the forward then needs 96 registers, and under the cap
+        # it spilled 120 bytes (sm_90 ptxas).
+        aligned = all(x is None or x.stride(0) % 16 == 0 for x in _streams(args)) and \
+            num_classes % 16 == 0 and args.num_old_classes % 16 == 0
+        return _Plan(has_ce, has_old, has_new, args.kind == "kl", num_read, split, bias_mode, block, num_warps,
+                     MAX_REGISTERS if aligned else None)
 
     def constexprs(self) -> dict:
         """The specialisation both kernels take, and their launch configuration."""
         return dict(HAS_CE=self.has_ce, HAS_OLD=self.has_old, HAS_NEW=self.has_new, IS_KL=self.is_kl,
                     BIAS=self.bias_mode, BLOCK_C=self.block, num_warps=self.num_warps,
-                    maxnreg=MAX_REGISTERS, **fm.LAUNCH_OPTIONS)
+                    **({} if self.max_registers is None else dict(maxnreg=self.max_registers)),
+                    **fm.LAUNCH_OPTIONS)
 
 
 def _kernel_inputs(args: SoftmaxLossArgs, plan: _Plan, class_contiguous) -> tuple:
@@ -711,20 +960,28 @@ def _forward(args: SoftmaxLossArgs, needs_grad: bool):
     else:
         grad = stats = rows
     inv_count = _inverse_count(target, args.ignore_index) if mean else rows
+    chunk, lag = _chunking(num_rows, num_classes, plan.block, plan.num_warps, logits.device) if needs_grad else (0, 0)
+    if chunk:
+        num_chunks = -(-num_classes // chunk)
+        grid = ((num_rows + lag) * num_chunks,)
+        sync = torch.zeros(1 + num_rows, dtype=torch.int32, device=logits.device)  # ticket, then per row
+        records = torch.empty(num_rows * num_chunks * RECORD.value, dtype=torch.float32, device=logits.device)
+    else:
+        num_chunks, grid, sync, records = 1, (num_rows,), rows, rows
     if num_rows > 0:
-        _mpt_loss_kernel[(num_rows,)](
+        _mpt_loss_kernel[grid](
             z, z.stride(0),
             target, target.stride(0),
             old, old.stride(0),
             new, new.stride(0),
             bias, bias.stride(0),
-            rows, grad, stats, inv_count,
-            num_classes, args.num_old_classes, plan.num_read, plan.split, args.ignore_index,
-            args.new_class_bias, args.label_smoothing, 1.0 / args.tau,
+            rows, grad, stats, inv_count, sync, records,
+            num_rows, num_classes, args.num_old_classes, plan.num_read, plan.split, args.ignore_index,
+            chunk // plan.block, num_chunks, lag, args.new_class_bias, args.label_smoothing, 1.0 / args.tau,
             args.tau * args.tau if args.scale_by_tau_sq else 1.0, args.alpha, args.beta,
             args.ce_weight, args.old_weight, args.new_weight,
             FOCUS_REF=focus_ref, FOCUS_STUDENT=focus_student, MEAN=mean, WRITE_GRAD=needs_grad,
-            **plan.constexprs(),
+            CHUNKS=triton.next_power_of_2(num_chunks) if chunk else 0, **plan.constexprs(),
         )
 
     if args.reduction == "none":
