@@ -142,11 +142,9 @@ struct HostRows {
           return thread_state_merge(a, b, c);
         });
     const int C = c.p.num_classes, K = c.p.num_old_classes;
-    TargetValues at_y{};
-    at_y.z = logits[i * C + y];
-    at_y.delta = class_bias != nullptr ? class_bias[y] : (y >= K ? c.p.new_class_bias : 0.0f);
-    if (c.p.has_old && y < K) at_y.r_old = old_logits[i * K + y];
-    if (c.p.has_new) at_y.r_new = new_logits[i * C + y];
+    const TargetValues at_y = target_values<VEC>(
+        c.p, class_bias, y, [&](int j) { return logits[i * C + j]; }, [&](int j) { return old_logits[i * K + j]; },
+        [&](int j) { return new_logits[i * C + j]; });
     return row_finish(merged, c, y, at_y, scale);
   }
 

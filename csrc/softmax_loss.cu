@@ -220,17 +220,6 @@ struct StateMerge {
   }
 };
 
-template <typename D>
-__device__ __forceinline__ TargetValues target_values(const SoftmaxKernelArgs& a, const RowPointers<D>& row, int y) {
-  const SoftmaxRowParams& p = a.row;
-  TargetValues t{};
-  t.z = D::to_float(row.z[y]);
-  t.delta = a.class_bias != nullptr ? a.class_bias[y] : (y >= p.num_old_classes ? p.new_class_bias : 0.0f);
-  if (p.has_old && y < p.num_old_classes) t.r_old = D::to_float(row.old[y]);
-  if (p.has_new) t.r_new = D::to_float(row.neu[y]);
-  return t;
-}
-
 __device__ __forceinline__ int row_chunks(const RowLayout& layout, int nv) {
   return (layout.rounds(static_cast<int>(blockDim.x)) + nv - 1) / nv;
 }
@@ -273,7 +262,11 @@ __global__ void __launch_bounds__(kMaxRowThreads) softmax_loss_kernel(const Soft
 
   const bool with_grad = io.grad != nullptr;
   const float scale = with_grad && a.counted_rows != nullptr ? 1.0f / static_cast<float>(*a.counted_rows) : 1.0f;
-  const SoftmaxRowResult result = row_finish(state, c, y, target_values<D>(a, io, y), scale);
+  const SoftmaxRowResult result = row_finish(
+      state, c, y,
+      target_values<kVec<D>>(p, a.class_bias, y, [&](int j) { return D::to_float(io.z[j]); },
+                             [&](int j) { return D::to_float(io.old[j]); }, [&](int j) { return D::to_float(io.neu[j]); }),
+      scale);
   if (threadIdx.x == 0) {
     a.row_loss[row] = result.loss;
     if (with_grad) store_row_stats(result.stats, a.stats + row * kSoftmaxStatFloats);

@@ -205,17 +205,12 @@ MPT_HD float max_of(const float (&v)[VEC]) {
   return m;
 }
 
-// Raises a prefix max (over the columns j < y) with a slot's values; slot_max: their max.
+// Raises a prefix max (over the columns j < y) with a slot that lies wholly before y;
+// slot_max: its values' max. A select, not a branch: the columns of y's own slot before
+// y are added once per row instead (TargetValues::*_before, in row_finish).
 template <int VEC>
-MPT_HD void raise_prefix(float& prefix, const SlotSpan& span, const float (&v)[VEC], float slot_max, int y) {
-  if (span.col0 + VEC <= y) {
-    prefix = fmaxf(prefix, slot_max);
-  } else if (span.col0 < y) {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      if (span.col0 + e < y) prefix = fmaxf(prefix, v[e]);
-    }
-  }
+MPT_HD void raise_prefix(float& prefix, const SlotSpan& span, float slot_max, int y) {
+  prefix = fmaxf(prefix, span.col0 + VEC <= y ? slot_max : -kInf);
 }
 
 // The bias of the CE term on a slot: the vector's, or b on a new slot.
@@ -261,7 +256,7 @@ MPT_HD void teacher_statistics(Lse2& teacher, float& distill, float& prefix, con
     const float (&r)[VEC] = kOld ? s.r_old : s.r_new;
     const float slot_max = max_of(r);
     r_max = fmaxf(r_max, slot_max);
-    if (c.argmax_r) raise_prefix(prefix, s.span, r, slot_max, y);
+    if (c.argmax_r) raise_prefix<VEC>(prefix, s.span, slot_max, y);
   }
   float shift = 0.0f;
   if (c.p.kl) {
@@ -311,7 +306,7 @@ MPT_HD void chunk_statistics(SoftmaxThreadState& t, const SoftmaxRowConsts& c, c
       } else {
         z_new_max = fmaxf(z_new_max, z_max);
       }
-      if (c.argmax_z) raise_prefix(t.prefix_z, s.span, s.z, z_max, y);
+      if (c.argmax_z) raise_prefix<VEC>(t.prefix_z, s.span, z_max, y);
     }
     float ce_shift = 0.0f, z_old_shift = 0.0f, z_new_shift = 0.0f;
     if (p.has_ce) lse2_raise(t.ce, ce_max, kLog2e, ce_shift);
@@ -416,13 +411,47 @@ MPT_HD SoftmaxRowStats load_row_stats(const float* in) {
   return {in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
 }
 
-// The row's own values at its target y: z_y, Δ_y and the teachers' r_y (0 where absent).
+// The row's own values at its target y: z_y, Δ_y and the teachers' r_y (0 where absent),
+// and each stream's max over the columns of y's slot before y (-inf where none): the part
+// of the argmax tests' prefix maxima that raise_prefix leaves out.
 struct TargetValues {
   float z;
   float delta;
   float r_old;
   float r_new;
+  float z_before;
+  float r_old_before;
+  float r_new_before;
 };
+
+// max of x(j) over the columns j of y's slot (slots of VEC columns) with j < y and j < width.
+template <int VEC, typename X>
+MPT_HD float max_before_in_slot(int y, int width, const X& x) {
+  float m = -kInf;
+  for (int j = y / VEC * VEC; j < y && j < width; ++j) m = fmaxf(m, x(j));
+  return m;
+}
+
+// TargetValues of a row, from accessors of its student z(j) and teachers r_old(j), r_new(j).
+template <int VEC, typename Z, typename Old, typename New>
+MPT_HD TargetValues target_values(const SoftmaxRowParams& p, const float* class_bias, int y, const Z& z,
+                                  const Old& r_old, const New& r_new) {
+  const int C = p.num_classes, K = p.num_old_classes;
+  TargetValues t{};
+  t.z = z(y);
+  t.delta = class_bias != nullptr ? class_bias[y] : (y >= K ? p.new_class_bias : 0.0f);
+  t.z_before = max_before_in_slot<VEC>(y, C, z);
+  t.r_old_before = t.r_new_before = -kInf;
+  if (p.has_old && y < K) {
+    t.r_old = r_old(y);
+    t.r_old_before = max_before_in_slot<VEC>(y, K, r_old);
+  }
+  if (p.has_new) {
+    t.r_new = r_new(y);
+    t.r_new_before = max_before_in_slot<VEC>(y, C, r_new);
+  }
+  return t;
+}
 
 // [argmax_{j < width} x_j = y], ties to the lowest index as torch.argmax: x_y is the
 // maximum and no column before y reaches it.
@@ -488,15 +517,18 @@ MPT_HD SoftmaxRowResult row_finish(const SoftmaxThreadState& s, const SoftmaxRow
     lse2_merge_into(student_all, s.student_new, c.kt);
     r.lse_student_old = p.kl ? lse2_log2(s.student_old, c.kt) : 0.0f;
     r.lse_student_new = p.kl ? lse2_log2(student_all, c.kt) : 0.0f;
+    const float prefix_z = fmaxf(s.prefix_z, at_y.z_before);
     if (p.has_old) {
-      const float w = focal_weight(p, is_argmax(at_y.r_old, s.teacher_old.max, s.prefix_old, y, p.num_old_classes),
-                                   is_argmax(at_y.z, z_max_old, s.prefix_z, y, p.num_old_classes));
+      const float prefix_old = fmaxf(s.prefix_old, at_y.r_old_before);
+      const float w = focal_weight(p, is_argmax(at_y.r_old, s.teacher_old.max, prefix_old, y, p.num_old_classes),
+                                   is_argmax(at_y.z, z_max_old, prefix_z, y, p.num_old_classes));
       loss += source_finish(c, p.old_weight, w, p.num_old_classes, s.teacher_old, s.distill_old, r.lse_student_old,
                             scale, r.lse_teacher_old, r.coef_old);
     }
     if (p.has_new) {
-      const float w = focal_weight(p, is_argmax(at_y.r_new, s.teacher_new.max, s.prefix_new, y, p.num_classes),
-                                   is_argmax(at_y.z, z_max_all, s.prefix_z, y, p.num_classes));
+      const float prefix_new = fmaxf(s.prefix_new, at_y.r_new_before);
+      const float w = focal_weight(p, is_argmax(at_y.r_new, s.teacher_new.max, prefix_new, y, p.num_classes),
+                                   is_argmax(at_y.z, z_max_all, prefix_z, y, p.num_classes));
       loss += source_finish(c, p.new_weight, w, p.num_classes, s.teacher_new, s.distill_new, r.lse_student_new,
                             scale, r.lse_teacher_new, r.coef_new);
     }
