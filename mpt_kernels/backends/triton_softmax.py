@@ -177,7 +177,7 @@ def _class_bias(bias_ptr, bias_stride, cols, mask, num_old, new_class_bias, BIAS
 
 
 @triton.jit
-def _teacher_stats_step(m_a, l_a, kl_sum, sq_sum, prefix, z, r, mask, cols, start, y, kt,
+def _teacher_stats_step(m_a, l_a, kl_sum, sq_sum, prefix, z, r, mask, start, y, kt,
                         IS_KL: tl.constexpr, BLOCK_C: tl.constexpr):
     """One block of one distillation source (teacher r, student z; both -inf outside ``mask``)."""
     r_max = tl.max(r, 1)
@@ -226,11 +226,11 @@ def _stats_block(
     if OLD_HERE:
         r_old = tl.load(old_row + cols, mask=mask, other=_NEG_INF).to(tl.float32)
         m_a_old, l_a_old, kl_old, sq_old, prefix_old = _teacher_stats_step(
-            m_a_old, l_a_old, kl_old, sq_old, prefix_old, z, r_old, mask, cols, start, y, kt, IS_KL, BLOCK_C)
+            m_a_old, l_a_old, kl_old, sq_old, prefix_old, z, r_old, mask, start, y, kt, IS_KL, BLOCK_C)
     if HAS_NEW:
         r_new = tl.load(new_row + cols, mask=mask, other=_NEG_INF).to(tl.float32)
         m_a_new, l_a_new, kl_new, sq_new, prefix_new = _teacher_stats_step(
-            m_a_new, l_a_new, kl_new, sq_new, prefix_new, z, r_new, mask, cols, start, y, kt, IS_KL, BLOCK_C)
+            m_a_new, l_a_new, kl_new, sq_new, prefix_new, z, r_new, mask, start, y, kt, IS_KL, BLOCK_C)
     return (m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
             m_a_new, l_a_new, kl_new, sq_new, prefix_new)
 
@@ -815,28 +815,29 @@ chunk_classes: Optional[int] = None
 lag_override: Optional[int] = None
 
 
-def _chunking(num_rows: int, num_classes: int, block: int, num_warps: int, device: torch.device) -> tuple[int, int]:
-    """(classes per chunk, lag in rows) for a forward that writes the gradient; (0, 0):
-    one program per row. The lag covers the programs an SM holds at once (by threads
+def _chunking(num_rows: int, num_classes: int, plan: _Plan, device: torch.device) -> tuple[int, int, int]:
+    """(classes per chunk, chunks per row, lag in rows) for a forward that writes the
+    gradient; (0, 1, 0): one program per row. The lag covers the programs an SM holds at once (by threads
     and by registers), over all SMs: the chunks a program waits for then started about
     one wave earlier, so a wait is rare, and the data read between a chunk's two reads
     is about one wave's chunks."""
+    rows = 0, 1, 0
     if chunk_classes is None:
-        return 0, 0
-    chunk = max(block, chunk_classes // block * block)
+        return rows
+    chunk = max(plan.block, chunk_classes // plan.block * plan.block)
     num_chunks = -(-num_classes // chunk)
     if num_chunks < 2:
-        return 0, 0
+        return rows
     if lag_override is not None:
         lag = lag_override
     else:
-        threads = 32 * num_warps
-        per_sm = min(2048 // threads, 65536 // ((MAX_REGISTERS or 64) * threads), 32)
+        threads = 32 * plan.num_warps
+        per_sm = min(2048 // threads, 65536 // ((plan.max_registers or 64) * threads), 32)
         lag = -(-_multiprocessors(device) * per_sm // num_chunks)
     lag = max(1, min(lag, num_rows))
     if (num_rows + lag) * num_chunks >= 2**31:  # tickets are int32
-        return 0, 0
-    return chunk, lag
+        return rows
+    return chunk, num_chunks, lag
 
 
 @functools.lru_cache(maxsize=None)
@@ -960,14 +961,13 @@ def _forward(args: SoftmaxLossArgs, needs_grad: bool):
     else:
         grad = stats = rows
     inv_count = _inverse_count(target, args.ignore_index) if mean else rows
-    chunk, lag = _chunking(num_rows, num_classes, plan.block, plan.num_warps, logits.device) if needs_grad else (0, 0)
+    chunk, num_chunks, lag = _chunking(num_rows, num_classes, plan, logits.device) if needs_grad else (0, 1, 0)
     if chunk:
-        num_chunks = -(-num_classes // chunk)
         grid = ((num_rows + lag) * num_chunks,)
         sync = torch.zeros(1 + num_rows, dtype=torch.int32, device=logits.device)  # ticket, then per row
         records = torch.empty(num_rows * num_chunks * RECORD.value, dtype=torch.float32, device=logits.device)
     else:
-        num_chunks, grid, sync, records = 1, (num_rows,), rows, rows
+        grid, sync, records = (num_rows,), rows, rows
     if num_rows > 0:
         _mpt_loss_kernel[grid](
             z, z.stride(0),
