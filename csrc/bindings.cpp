@@ -35,6 +35,8 @@ py::dict codes(std::initializer_list<std::pair<const char*, int>> items) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  // Its classes are local to this module (py::module_local): tests load a second build of
+  // these bindings, the CUDA emulation (tests/cuda_emulation), next to this one.
   m.doc() = "CUDA kernels of mpt_kernels (softmax family and multi-label losses); see csrc/.";
 
   m.attr("DTYPES") = codes({{"float32", kFloat32}, {"float16", kFloat16}, {"bfloat16", kBFloat16},
@@ -47,7 +49,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SLOTS_PER_THREAD") = kSlotsPerThread;
   m.attr("SOFTMAX_STAT_FLOATS") = kSoftmaxStatFloats;
 
-  py::class_<SoftmaxRowParams>(m, "SoftmaxRowParams", "The normalised options of one softmax-family loss.")
+  py::class_<SoftmaxRowParams>(m, "SoftmaxRowParams", "The normalised options of one softmax-family loss.", py::module_local())
       .def(py::init([]() { return SoftmaxRowParams{}; }))
       .def_readwrite("num_classes", &SoftmaxRowParams::num_classes)
       .def_readwrite("num_old_classes", &SoftmaxRowParams::num_old_classes)
@@ -66,7 +68,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("alpha", &SoftmaxRowParams::alpha)
       .def_readwrite("beta", &SoftmaxRowParams::beta);
 
-  py::class_<MultilabelParams>(m, "MultilabelParams", "The options of one Hill or SPLC loss.")
+  py::class_<MultilabelParams>(m, "MultilabelParams", "The options of one Hill or SPLC loss.", py::module_local())
       .def(py::init([]() { return MultilabelParams{}; }))
       .def_readwrite("splc", &MultilabelParams::splc)
       .def_readwrite("lamb", &MultilabelParams::lamb)
@@ -74,7 +76,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("gamma", &MultilabelParams::gamma)
       .def_readwrite("flip_logit", &MultilabelParams::flip_logit);
 
-  py::class_<SoftmaxInputs>(m, "SoftmaxInputs", "What a softmax-family loss's forward and backward read.")
+  py::class_<SoftmaxInputs>(m, "SoftmaxInputs", "What a softmax-family loss's forward and backward read.", py::module_local())
       .def(py::init([]() { return SoftmaxInputs{}; }))
       .def_readwrite("row", &SoftmaxInputs::row)
       .def_readwrite("dtype", &SoftmaxInputs::dtype)
@@ -92,7 +94,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("has_ignore_index", &SoftmaxInputs::has_ignore_index)
       .def_readwrite("ignore_index", &SoftmaxInputs::ignore_index);
 
-  py::class_<MultilabelInputs>(m, "MultilabelInputs", "What a Hill or SPLC loss's forward and backward read.")
+  py::class_<MultilabelInputs>(m, "MultilabelInputs", "What a Hill or SPLC loss's forward and backward read.", py::module_local())
       .def(py::init([]() { return MultilabelInputs{}; }))
       .def_readwrite("math", &MultilabelInputs::math)
       .def_readwrite("dtype", &MultilabelInputs::dtype)

@@ -29,7 +29,8 @@ void launch_finish_sum(int dtype, const float* partials, int64_t n, const int64_
                        cudaStream_t stream) {
   dispatch_logits_dtype(dtype, [&](auto tag) {
     using D = decltype(tag);
-    finish_sum_kernel<D><<<1, 1024, 0, stream>>>(partials, n, count, divisor, static_cast<typename D::storage*>(out));
+    MPT_LAUNCH(finish_sum_kernel<D>, 1, 1024, stream)(partials, n, count, divisor,
+                                                      static_cast<typename D::storage*>(out));
   });
   MPT_CHECK_LAUNCH("finish_sum_kernel");
 }

@@ -2,9 +2,15 @@
 // stores, deterministic block reductions, and the (row, column-vector) walk.
 #pragma once
 
+#if defined(MPT_CUDA_EMULATION)
+// tests/cuda_emulation: the same kernels compiled by the host compiler and run on the
+// CPU, one fiber per CUDA thread, so that CI runs them without a GPU.
+#include "cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -27,6 +33,14 @@ inline void check_cuda(cudaError_t status, const char* what) {
 
 #define MPT_CUDA_CHECK(call) ::mpt::check_cuda((call), #call)
 #define MPT_CHECK_LAUNCH(kernel) ::mpt::check_cuda(cudaGetLastError(), "launch of " kernel)
+
+// MPT_LAUNCH(kernel, grid, block, stream)(arguments...) is kernel<<<grid, block, 0,
+// stream>>>(arguments...), written so that the emulation can launch it too.
+#if defined(MPT_CUDA_EMULATION)
+#define MPT_LAUNCH(kernel, grid, block, stream) ::mpt_emulation::launch(kernel, grid, block, stream)
+#else
+#define MPT_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
 
 // The static cudart keeps its own current device, separate from torch's: set it for
 // every entry point, so that tensors on cuda:1 run on cuda:1.

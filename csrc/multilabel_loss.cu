@@ -173,7 +173,7 @@ unsigned launch_elements(MultilabelKernelArgs a, const MultilabelInputs& in, cud
       using TD = decltype(target_tag);
       a.vec_targets = slots_aligned<typename TD::storage, VEC>(in.targets, in.targets_row_stride);
       auto kernel = kBackward ? multilabel_backward_kernel<D, TD, VEC> : multilabel_loss_kernel<D, TD, VEC>;
-      kernel<<<blocks, kElementwiseThreads, 0, stream>>>(a);
+      MPT_LAUNCH(kernel, blocks, kElementwiseThreads, stream)(a);
     });
   });
   check_cuda(cudaGetLastError(), kBackward ? "launch of multilabel_backward_kernel" : "launch of multilabel_loss_kernel");

@@ -326,7 +326,7 @@ void launch_rows(SoftmaxKernelArgs a, const SoftmaxInputs& in, uintptr_t grad, c
   const RowLayout layout(in.row.num_classes, in.row.num_old_classes, VEC);
   const dim3 grid(static_cast<unsigned>(in.num_rows));
   auto kernel = kBackward ? softmax_backward_kernel<D, kSlotsPerThread> : softmax_loss_kernel<D, kSlotsPerThread>;
-  kernel<<<grid, row_threads(layout), 0, stream>>>(a);
+  MPT_LAUNCH(kernel, grid, row_threads(layout), stream)(a);
   check_cuda(cudaGetLastError(), kBackward ? "launch of softmax_backward_kernel" : "launch of softmax_loss_kernel");
 }
 
@@ -381,7 +381,7 @@ void softmax_forward(const SoftmaxForwardArgs& f, const Launch& launch) {
 
   cudaStream_t stream = enter_device(launch);
   if (f.reduction == kReduceMean) {
-    count_rows_kernel<<<1, 1024, 0, stream>>>(a.target, a.target_stride, a.target_is_int64, in.num_rows,
+    MPT_LAUNCH(count_rows_kernel, 1, 1024, stream)(a.target, a.target_stride, a.target_is_int64, in.num_rows,
                                               a.has_ignore_index, a.ignore_index,
                                               reinterpret_cast<int64_t*>(f.counted_rows));
     MPT_CHECK_LAUNCH("count_rows_kernel");

@@ -24,7 +24,8 @@ compiled kernels round to nearest): there a bfloat16 loss may sit one ulp from t
 float32 value instead of half of one.
 
 The Triton kernels run under the interpreter with small blocks for the compile tests;
-the AMP tests, on more rows, keep the launch configuration chosen from the shapes.
+the AMP tests, on more rows, keep the launch configuration chosen from the shapes. The
+cuda backend's kernels run on a CPU in the CUDA emulation (tests/cuda_emulation).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import mpt_kernels
 from mpt_kernels import reference as R
 from mpt_kernels._registry import registered_backends
+from cuda_emulation import build as emulation_build
+from cuda_emulation import installed_without_gpu
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
@@ -64,7 +67,16 @@ def backends_on_device(dtype=torch.float32) -> list[str]:
     return names
 
 
-BACKENDS = backends_on_device()
+# without a GPU, the cuda backend's kernels run in the CUDA emulation (fixture below)
+EMULATED_CUDA = not ON_GPU and emulation_build.unavailable_reason() is None
+BACKENDS = backends_on_device() + (["cuda"] if EMULATED_CUDA else [])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_kernels_emulated():
+    with installed_without_gpu() as emulated:
+        assert emulated == EMULATED_CUDA
+        yield
 
 
 @pytest.fixture
@@ -88,6 +100,7 @@ def small_blocks(request, monkeypatch):
 
 def test_backends_under_test():
     assert "reference" in BACKENDS and "triton" in BACKENDS, BACKENDS
+    assert "cuda" in BACKENDS or not EMULATED_CUDA, BACKENDS
 
 
 # --------------------------------------------------------------------------- models and steps

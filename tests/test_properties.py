@@ -61,6 +61,7 @@ from mpt_kernels._registry import registered_backends  # noqa: E402
 from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
 from mpt_kernels.backends import triton_sum  # noqa: E402
 from mpt_kernels.backends import triton_softmax as TS  # noqa: E402
+from cuda_emulation import installed_without_gpu  # noqa: E402
 from spec_gradients import (  # noqa: E402
     class_offsets,
     focal_case,
@@ -116,11 +117,20 @@ def available_backends(family: str, dtype: torch.dtype) -> list[str]:
     ]
 
 
-def test_triton_and_reference_are_checked():
+@pytest.fixture(scope="module", autouse=True)
+def cuda_kernels_emulated():
+    """Without a GPU, the cuda backend's kernels run on the CPU in the CUDA emulation
+    (tests/cuda_emulation), so that they are fuzzed here as well."""
+    with installed_without_gpu() as emulated:
+        yield emulated
+
+
+def test_triton_and_reference_are_checked(cuda_kernels_emulated):
     """The properties below mean something only if the kernels are among the backends."""
     for family in ("softmax", "multilabel"):
         names = available_backends(family, torch.float32)
         assert "reference" in names and "triton" in names, names
+        assert "cuda" in names or not (ON_GPU or cuda_kernels_emulated), names
         if ON_GPU and "cuda" not in names:
             pytest.skip("the cuda backend is not built here")
 
@@ -472,7 +482,7 @@ def test_softmax_family_matches_reference(case_and_options):
 @pytest.mark.parametrize("n", [0, 3])
 @pytest.mark.parametrize("sources", ["both", "none"])
 @pytest.mark.parametrize(
-    "backend", [pytest.param(None, id="pure_reference"), "reference", "triton", "auto"])
+    "backend", [pytest.param(None, id="pure_reference"), "reference", "triton", "cuda", "auto"])
 def test_all_terms_switched_off(backend, sources, n):
     """mpt_loss with every weight 0 is a loss of 0 whose gradient is 0, on every backend."""
     if backend is not None and backend != "auto" and backend not in available_backends("softmax", torch.float32):

@@ -1,0 +1,86 @@
+"""The ``cuda`` backend's kernels (csrc/), compiled for the CPU and run against the
+reference, without a GPU: tests/test_cuda_backend.py's suite, in the CUDA emulation.
+
+tests/cuda_emulation builds csrc/ with the host compiler against a small emulation of
+CUDA (every CUDA thread a fiber, __syncthreads and warp shuffles as barriers) and puts
+it behind ``backend="cuda"`` for CPU tensors; the backend's Python code is the real one.
+So CI runs every kernel of the backend, its launch configurations, indexing, block
+reductions and paths (rows of one slot per thread, rows kept in registers, rows
+streamed in chunks; 16-byte and scalar accesses; the backward's recompute) on every
+submission, and test_cuda_emulated_asan.py runs this file again under AddressSanitizer.
+
+The tests are test_cuda_backend's own (imported below, so that one suite serves both),
+with DEVICE "cpu" and at most ``MAX_ROWS`` rows per case (the emulation runs a row's
+threads one after another); class counts are as written, so every path is crossed.
+Out-of-range targets reach the kernels as they do on a GPU (on CPU tensors the backend
+checks them first: that check is off here), and every gradient and statistics buffer
+the forward allocates is filled with NaN first. Left to a GPU (test_cuda_backend only):
+the approximate exp2 and reciprocal (exact on the host), the memory model, streams,
+graphs and devices, realistic and > 2^31-element sizes, speed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mpt_kernels as mk
+import test_cuda_backend as suite
+from cuda_emulation import build, installed
+from mpt_kernels.backends import cuda as cuda_backend
+from test_cuda_backend import (  # noqa: F401  (collected here as well)
+    test_all_rows_ignored_and_empty_batch,
+    test_argmax_ties_in_bfloat16,
+    test_backward_writes_only_rows_whose_upstream_is_not_one,
+    test_extreme_logits,
+    test_focal_distillation_with_fewer_reference_classes,
+    test_hill_and_splc_dtypes,
+    test_hill_parameters,
+    test_ignored_rows_keep_zero_gradient_for_a_nan_upstream,
+    test_margin_cross_entropy,
+    test_masked_classes_stay_finite,
+    test_mpt_loss_options,
+    test_mpt_loss_shapes,
+    test_multilabel_backward_writes_only_elements_whose_upstream_is_not_one,
+    test_multilabel_expanded_upstream_of_none,
+    test_multilabel_extremes_and_nan,
+    test_multilabel_non_contiguous,
+    test_multilabel_poisoned_and_empty,
+    test_multilabel_shapes,
+    test_nan_propagates,
+    test_non_contiguous_inputs,
+    test_out_of_range_target_poisons_its_row_without_reading_out_of_bounds,
+    test_poisoned_gradient_buffer,
+    test_reduction_none_with_random_upstream,
+    test_scaled_backward_rounds_once,
+    test_second_backward_is_an_error,
+    test_splc_correction_starts_at_change_epoch_and_is_strict,
+    test_splc_parameters,
+    test_upstream_strides_and_exact_one,
+)
+
+if build.unavailable_reason() is not None:
+    pytest.skip(f"no CUDA emulation here: {build.unavailable_reason()}", allow_module_level=True)
+
+MAX_ROWS = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulated_cuda_backend():
+    with installed() as module:
+        yield module
+
+
+@pytest.fixture(autouse=True)
+def suite_on_the_emulation(monkeypatch):
+    monkeypatch.setattr(suite, "DEVICE", "cpu")
+    monkeypatch.setattr(suite, "MAX_ROWS", MAX_ROWS)
+    monkeypatch.setattr(cuda_backend, "check_target_values", lambda *args: None)
+
+
+def test_the_emulation_is_what_runs(emulated_cuda_backend):
+    assert cuda_backend._C is emulated_cuda_backend and emulated_cuda_backend.cuda_runtime_version() == 0
+    x, t = suite.multilabel_inputs(40, 7, torch.float32, torch.bool, 0)
+    assert x.device.type == "cpu" and x.shape == (MAX_ROWS, 7)
+    loss, grad = suite.check_against_reference(mk.hill_loss, x, t)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
