@@ -560,8 +560,15 @@ def _row_terms(
 # the same chunk of the row ``lag`` rows earlier, once all S records of that row are
 # published (by programs with smaller tickets: started, so the wait cannot deadlock). The
 # data read between a chunk's two reads is then about lag·S chunks, set by the chunk size
-# and not by C. Each record is one 128-byte line of float32 (RECORD).
+# and not by C. Each record is one 128-byte line of float32 (RECORD), its fields at:
 RECORD = tl.constexpr(32)
+_CE_FIELD = tl.constexpr(0)  # max, sum (_store_lse_part)
+_SUM_BIASED_FIELD = tl.constexpr(2)
+_STUDENT_OLD_FIELD = tl.constexpr(3)  # max, sum
+_STUDENT_FIELD = tl.constexpr(5)  # max, sum
+_PREFIX_Z_FIELD = tl.constexpr(7)
+_TEACHER_OLD_FIELD = tl.constexpr(8)  # max, sum, KL sum, squares, prefix (_store_teacher_part)
+_TEACHER_NEW_FIELD = tl.constexpr(13)
 
 
 @triton.jit
@@ -589,14 +596,14 @@ def _store_chunk_record(
     record, m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
     prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new, kt,
 ):
-    """A chunk's statistics as one record (field order as in _load_chunk_records)."""
-    _store_lse_part(record, 0, m_ce, l_ce, _LOG2E)
-    tl.store(record + 2, tl.sum(sum_biased, 0))
-    _store_lse_part(record, 3, m_z_old, l_c_old, kt)
-    _store_lse_part(record, 5, m_z, l_c, kt)
-    tl.store(record + 7, tl.max(prefix_z, 0))
-    _store_teacher_part(record, 8, m_a_old, l_a_old, kl_old, sq_old, prefix_old, kt)
-    _store_teacher_part(record, 13, m_a_new, l_a_new, kl_new, sq_new, prefix_new, kt)
+    """A chunk's statistics as one record (fields: see RECORD)."""
+    _store_lse_part(record, _CE_FIELD, m_ce, l_ce, _LOG2E)
+    tl.store(record + _SUM_BIASED_FIELD, tl.sum(sum_biased, 0))
+    _store_lse_part(record, _STUDENT_OLD_FIELD, m_z_old, l_c_old, kt)
+    _store_lse_part(record, _STUDENT_FIELD, m_z, l_c, kt)
+    tl.store(record + _PREFIX_Z_FIELD, tl.max(prefix_z, 0))
+    _store_teacher_part(record, _TEACHER_OLD_FIELD, m_a_old, l_a_old, kl_old, sq_old, prefix_old, kt)
+    _store_teacher_part(record, _TEACHER_NEW_FIELD, m_a_new, l_a_new, kl_new, sq_new, prefix_new, kt)
 
 
 @triton.jit
@@ -606,21 +613,34 @@ def _record_field(records, valid, FIELD: tl.constexpr, EMPTY: tl.constexpr):
 
 
 @triton.jit
+def _load_lse_part(records, valid, FIELD: tl.constexpr):
+    return _record_field(records, valid, FIELD, _NEG_INF), _record_field(records, valid, FIELD + 1, 0.0)
+
+
+@triton.jit
+def _load_teacher_part(records, valid, FIELD: tl.constexpr):
+    m_a, l_a = _load_lse_part(records, valid, FIELD)
+    kl_sum = _record_field(records, valid, FIELD + 2, 0.0)
+    sq_sum = _record_field(records, valid, FIELD + 3, 0.0)
+    return m_a, l_a, kl_sum, sq_sum, _record_field(records, valid, FIELD + 4, _NEG_INF)
+
+
+@triton.jit
 def _load_chunk_records(row_records, num_chunks, CHUNKS: tl.constexpr):
     """A row's chunk records as [CHUNKS] vectors, in _statistics's order (absent chunks
     empty: max -inf, sums 0)."""
     chunk = tl.arange(0, CHUNKS)
     valid = chunk < num_chunks
     records = row_records + chunk * RECORD
-    return (_record_field(records, valid, 0, _NEG_INF), _record_field(records, valid, 1, 0.0),
-            _record_field(records, valid, 2, 0.0), _record_field(records, valid, 3, _NEG_INF),
-            _record_field(records, valid, 4, 0.0), _record_field(records, valid, 5, _NEG_INF),
-            _record_field(records, valid, 6, 0.0), _record_field(records, valid, 7, _NEG_INF),
-            _record_field(records, valid, 8, _NEG_INF), _record_field(records, valid, 9, 0.0),
-            _record_field(records, valid, 10, 0.0), _record_field(records, valid, 11, 0.0),
-            _record_field(records, valid, 12, _NEG_INF), _record_field(records, valid, 13, _NEG_INF),
-            _record_field(records, valid, 14, 0.0), _record_field(records, valid, 15, 0.0),
-            _record_field(records, valid, 16, 0.0), _record_field(records, valid, 17, _NEG_INF))
+    m_ce, l_ce = _load_lse_part(records, valid, _CE_FIELD)
+    sum_biased = _record_field(records, valid, _SUM_BIASED_FIELD, 0.0)
+    m_z_old, l_c_old = _load_lse_part(records, valid, _STUDENT_OLD_FIELD)
+    m_z, l_c = _load_lse_part(records, valid, _STUDENT_FIELD)
+    prefix_z = _record_field(records, valid, _PREFIX_Z_FIELD, _NEG_INF)
+    m_a_old, l_a_old, kl_old, sq_old, prefix_old = _load_teacher_part(records, valid, _TEACHER_OLD_FIELD)
+    m_a_new, l_a_new, kl_new, sq_new, prefix_new = _load_teacher_part(records, valid, _TEACHER_NEW_FIELD)
+    return (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+            prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new)
 
 
 @triton.jit

@@ -65,26 +65,35 @@ def flags(asan: bool) -> list[str]:
 
 
 def build(asan: bool = False) -> Path:
-    """The emulated module's path, compiling it when the cache has no build of these sources."""
+    """The emulated ``_C``'s path, compiling it when the cache has no build of these sources."""
+    return _build("_C", SOURCES, asan)
+
+
+def build_selftest() -> Path:
+    """The path of ``_emulation_selftest``: kernels that test the emulation (selftest.cpp)."""
+    return _build("_emulation_selftest", [HERE / "selftest.cpp", HERE / "emulation.cpp"], asan=False)
+
+
+def _build(name: str, sources: list[Path], asan: bool) -> Path:
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"cannot build the CUDA emulation: {reason}")
     cxx = compiler()
     compile_flags = flags(asan)
     digest = hashlib.sha256()
-    for path in [*SOURCES, *HEADERS]:
+    for path in [*sources, *HEADERS]:
         digest.update(path.name.encode() + path.read_bytes())
     digest.update(" ".join([cxx, *compile_flags, sys.version]).encode())
     root = Path(os.environ.get("MPT_KERNELS_EMULATION_CACHE", Path(tempfile.gettempdir()) / "mpt_kernels_emulation"))
     folder = root / digest.hexdigest()[:16]
-    output = folder / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    output = folder / (name + importlib.machinery.EXTENSION_SUFFIXES[0])
     if output.exists():
         return output
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="build-", dir=root))
     objects = []
     processes = []
-    for source in SOURCES:
+    for source in sources:
         obj = scratch / (source.name + ".o")
         command = [cxx, "-x", "c++", "-c", str(source), "-o", str(obj), *compile_flags]
         processes.append((command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
@@ -108,8 +117,9 @@ def build(asan: bool = False) -> Path:
 
 
 def load(path: Path):
-    """Imports the module at ``path`` (its init function is ``PyInit__C``)."""
-    spec = importlib.util.spec_from_file_location("mpt_kernels_emulation._C", path)
+    """Imports the module built at ``path`` (its init function is named after the file)."""
+    name = path.name.split(".")[0]
+    spec = importlib.util.spec_from_file_location(f"mpt_kernels_emulation.{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

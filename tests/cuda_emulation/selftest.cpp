@@ -1,0 +1,63 @@
+// Kernels that exercise the CUDA emulation itself (tests/test_cuda_emulation.py): a block
+// reduction of csrc/ that must give the exact sum, and kernels that break CUDA's rules,
+// which the emulation must report instead of hanging or carrying on.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda_common.cuh"
+
+namespace {
+
+// Every thread of every block adds its global index through block_merge (shuffles and
+// __syncthreads); thread 0 of each block writes the block's sum.
+__global__ void block_sums(int64_t* sums) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t sum = mpt::block_merge(index, mpt::Add{}, int64_t{0});
+  if (threadIdx.x == 0) sums[blockIdx.x] = sum;
+}
+
+// Thread 0 returns before the barrier that the others wait at: allowed (exited threads
+// do not count), and the others go on.
+__global__ void early_exit_then_barrier(int* out) {
+  if (threadIdx.x == 0) return;
+  __syncthreads();
+  if (threadIdx.x == 1) *out = 7;
+}
+
+// Half of the warp shuffles, the other half waits at __syncthreads: no barrier can open.
+__global__ void divergent_shuffle(int* out) {
+  int value = static_cast<int>(threadIdx.x);
+  if (threadIdx.x < 16) {
+    value = __shfl_down_sync(0xffffffffu, value, 1);
+  } else {
+    __syncthreads();
+  }
+  *out = value;
+}
+
+// A shuffle whose mask leaves lanes out.
+__global__ void partial_mask_shuffle(int* out) { *out = __shfl_down_sync(0x0000ffffu, 1, 1); }
+
+__global__ void throwing_kernel(int*) { throw std::runtime_error("thrown inside the kernel"); }
+
+template <typename Kernel>
+void launch(Kernel kernel, unsigned grid, unsigned block, uintptr_t out) {
+  MPT_LAUNCH(kernel, grid, block, nullptr)(reinterpret_cast<int*>(out));
+  mpt::check_cuda(cudaGetLastError(), "the self-test kernel");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_emulation_selftest, m) {
+  m.def("block_sums", [](uintptr_t sums, unsigned grid, unsigned block) {
+    MPT_LAUNCH(block_sums, grid, block, nullptr)(reinterpret_cast<int64_t*>(sums));
+    mpt::check_cuda(cudaGetLastError(), "block_sums");
+  });
+  m.def("early_exit_then_barrier", [](uintptr_t out) { launch(early_exit_then_barrier, 1, 64, out); });
+  m.def("divergent_shuffle", [](uintptr_t out) { launch(divergent_shuffle, 1, 64, out); });
+  m.def("partial_mask_shuffle", [](uintptr_t out) { launch(partial_mask_shuffle, 1, 32, out); });
+  m.def("throwing_kernel", [](uintptr_t out) { launch(throwing_kernel, 1, 32, out); });
+  m.def("launch", [](unsigned grid, unsigned block, uintptr_t out) { launch(early_exit_then_barrier, grid, block, out); });
+}

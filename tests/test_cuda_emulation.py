@@ -1,0 +1,60 @@
+"""The CUDA emulation itself (tests/cuda_emulation), on the kernels of selftest.cpp: what
+it runs must be what a GPU computes, and what a GPU would not run must fail loudly
+(an exception naming the problem), never hang or carry on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cuda_emulation import build
+
+if build.unavailable_reason() is not None:
+    pytest.skip(f"no CUDA emulation here: {build.unavailable_reason()}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    return build.load(build.build_selftest())
+
+
+@pytest.mark.parametrize("grid, block", [(1, 32), (3, 64), (2, 1024), (5, 96)])
+def test_block_reduction_sums_every_thread(selftest, grid, block):
+    # csrc's block_merge: shuffles within each warp, then across the warps through shared memory
+    sums = torch.full((grid,), -1, dtype=torch.int64)
+    selftest.block_sums(sums.data_ptr(), grid, block)
+    index = torch.arange(grid * block, dtype=torch.int64).reshape(grid, block)
+    assert torch.equal(sums, index.sum(dim=1))
+
+
+def test_exited_threads_do_not_block_a_barrier(selftest):
+    out = torch.zeros(1, dtype=torch.int32)
+    selftest.early_exit_then_barrier(out.data_ptr())
+    assert out.item() == 7
+
+
+def test_a_barrier_that_cannot_open_is_an_error(selftest):
+    out = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="wait at barriers that cannot open.*thread 0 at a shuffle"):
+        selftest.divergent_shuffle(out.data_ptr())
+
+
+def test_a_shuffle_without_every_lane_is_an_error(selftest):
+    with pytest.raises(RuntimeError, match="mask is not every lane"):
+        selftest.partial_mask_shuffle(torch.zeros(1, dtype=torch.int32).data_ptr())
+
+
+def test_an_exception_in_a_kernel_is_reported(selftest):
+    with pytest.raises(RuntimeError, match="thrown inside the kernel"):
+        selftest.throwing_kernel(torch.zeros(1, dtype=torch.int32).data_ptr())
+
+
+@pytest.mark.parametrize("grid, block", [(0, 32), (1, 0), (1, 1025)])
+def test_invalid_launch_configuration(selftest, grid, block):
+    # as cudaGetLastError reports it after a launch, through csrc's check_cuda
+    with pytest.raises(RuntimeError, match="cudaErrorInvalidConfiguration"):
+        selftest.launch(grid, block, torch.zeros(1, dtype=torch.int32).data_ptr())
+
+
+def test_still_usable_after_errors(selftest):
+    test_block_reduction_sums_every_thread(selftest, 2, 64)
