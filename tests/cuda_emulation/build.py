@@ -83,7 +83,10 @@ def _build(name: str, sources: list[Path], asan: bool) -> Path:
     digest = hashlib.sha256()
     for path in [*sources, *HEADERS]:
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(" ".join([cxx, *compile_flags, sys.version]).encode())
+    import pybind11
+
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    digest.update(" ".join([cxx, version, *compile_flags, sys.version, pybind11.__version__]).encode())
     root = Path(os.environ.get("MPT_KERNELS_EMULATION_CACHE", Path(tempfile.gettempdir()) / "mpt_kernels_emulation"))
     folder = root / digest.hexdigest()[:16]
     output = folder / (name + importlib.machinery.EXTENSION_SUFFIXES[0])
