@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 
+import pytest
 import torch
 
 from mpt_kernels import _registry
@@ -36,19 +37,17 @@ def _poisoned(allocate):
 
 
 def _families() -> dict:
-    # the backend's own functions, looked up at call time (the patches below apply)
+    # the backend's own functions: they read _C, _launch and the allocators patched below
     if not _FAMILIES:
         _FAMILIES["softmax"] = define_loss_ops(
             "cuda_emulated", "softmax", dispatch_key="CPU", backward_in_place=True,
-            forward=lambda args, needs_grad: cuda_backend._softmax_forward(args, needs_grad),
-            saved_fake=cuda_backend._softmax_saved,
-            backward=lambda grad_loss, saved, args: cuda_backend._softmax_backward(grad_loss, saved, args),
+            forward=cuda_backend._softmax_forward, saved_fake=cuda_backend._softmax_saved,
+            backward=cuda_backend._softmax_backward,
         )
         _FAMILIES["multilabel"] = define_loss_ops(
             "cuda_emulated", "multilabel", dispatch_key="CPU", backward_in_place=True,
-            forward=lambda args, needs_grad: cuda_backend._multilabel_forward(args, needs_grad),
-            saved_fake=cuda_backend._multilabel_saved,
-            backward=lambda grad_loss, saved, args: cuda_backend._multilabel_backward(grad_loss, saved, args),
+            forward=cuda_backend._multilabel_forward, saved_fake=cuda_backend._multilabel_saved,
+            backward=cuda_backend._multilabel_backward,
         )
     return _FAMILIES
 
@@ -71,33 +70,13 @@ def installed(asan: bool | None = None):
         _registry._BACKENDS["cuda"], families=_families(), why_not=_why_not, status=lambda: None,
         description="the cuda backend's kernels, emulated on the CPU (tests/cuda_emulation)",
     )
-    with pytest_free_patches() as patch:
-        patch(cuda_backend, "_C", module)
-        patch(cuda_backend, "_launch", lambda device: {"device": 0, "stream": 0})
-        patch(cuda_backend, "_softmax_saved", _poisoned(cuda_backend._softmax_saved))
-        patch(cuda_backend, "_multilabel_saved", _poisoned(cuda_backend._multilabel_saved))
-        patch(_registry._BACKENDS, "cuda", backend)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda_backend, "_C", module)
+        patch.setattr(cuda_backend, "_launch", lambda device: {"device": 0, "stream": 0})
+        patch.setattr(cuda_backend, "_softmax_saved", _poisoned(cuda_backend._softmax_saved))
+        patch.setattr(cuda_backend, "_multilabel_saved", _poisoned(cuda_backend._multilabel_saved))
+        patch.setitem(_registry._BACKENDS, "cuda", backend)
         yield module
-
-
-@contextlib.contextmanager
-def pytest_free_patches():
-    """setattr / setitem patches undone on exit (usable outside pytest: the ASan script)."""
-    undo = []
-
-    def patch(target, name, value):
-        if isinstance(target, dict):
-            undo.append(lambda old=target[name]: target.__setitem__(name, old))
-            target[name] = value
-        else:
-            undo.append(lambda old=getattr(target, name): setattr(target, name, old))
-            setattr(target, name, value)
-
-    try:
-        yield patch
-    finally:
-        for step in reversed(undo):
-            step()
 
 
 @contextlib.contextmanager

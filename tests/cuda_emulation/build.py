@@ -25,10 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent.parent / "csrc"
-SOURCES = [
-    CSRC / "bindings.cpp", CSRC / "host_math.cpp", CSRC / "common_kernels.cu", CSRC / "softmax_loss.cu",
-    CSRC / "multilabel_loss.cu", HERE / "emulation.cpp",
-]
+# every source of _C (setup.py's SOURCES: all of csrc/), and the emulation's threads
+SOURCES = [*sorted(CSRC.glob("*.cpp")), *sorted(CSRC.glob("*.cu")), HERE / "emulation.cpp"]
 HEADERS = [*sorted(CSRC.glob("*.h")), *sorted(CSRC.glob("*.cuh")), HERE / "cuda_emulation.h"]
 # AddressSanitizer (out-of-bounds accesses, with the stacks of the fibers) and the
 # alignment check of UBSan (a 16-byte vector access a GPU would refuse)

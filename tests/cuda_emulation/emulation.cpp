@@ -75,7 +75,6 @@ struct Fiber {
   State state = State::kDone;
   ThreadIndex index{};
   uint64_t exchange = 0;  // the value this lane publishes at a warp shuffle
-  unsigned mask = 0;
 };
 
 struct Block {
@@ -272,7 +271,6 @@ uint64_t warp_exchange(unsigned mask, uint64_t value, int source_lane) {
   }
   Fiber& self = g_block.fibers[t];
   self.exchange = value;
-  self.mask = mask;
   self.state = State::kAtWarpBarrier;  // every lane has published
   leave_fiber(false);
   const uint64_t out = source_lane < warp_size ? g_block.fibers[warp_first + source_lane].exchange : value;
