@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -348,7 +349,7 @@ BIASES = ["none", "new_class", "vector"]
 @pytest.mark.parametrize("sources", list(SOURCES))
 @pytest.mark.parametrize("bias", BIASES)
 def test_mpt_rows_match_reference(kind, focus, sources, bias):
-    seed = hash((kind, focus, sources, bias)) % 1000
+    seed = zlib.crc32(f"{kind}-{focus}-{sources}-{bias}".encode()) % 1000  # hash() of str varies per run
     z, old, new, y = _softmax_data(seed)
     use_old, use_new = SOURCES[sources]
     options = dict(kind=kind, focus=focus, tau=[5.0, 2.0, 0.7][seed % 3], alpha=0.5, beta=3.0,
@@ -359,7 +360,11 @@ def test_mpt_rows_match_reference(kind, focus, sources, bias):
     if bias == "vector":
         options.update(class_bias=torch.linspace(-2.0, 3.0, C).to(torch.float16))  # any float dtype
     y[4] = y[9] = -100  # ignored rows
-    _check_rows(_mpt(**options), z, old if use_old else None, new if use_new else None, y)
+    # The float32 row math is conditioned by |z/τ| (up to ~50 here, τ = 0.7): exp() of it
+    # carries a relative error near 50·2⁻²⁴ ≈ 3e-6, on distillation terms of up to
+    # (α+β)·weight/τ ≈ 6.5 that cancel to gradients near 0.1. 4e-5 is 2.5 times the worst seen
+    # over 143 seeds of every case (1.3e-5 on the gradient, 1.6e-5 on the loss).
+    _check_rows(_mpt(**options), z, old if use_old else None, new if use_new else None, y, atol=4e-5)
 
 
 @needs_extension
