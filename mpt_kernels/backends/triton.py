@@ -8,7 +8,6 @@ package is imported), which is how CI tests the kernels; ``auto`` never picks it
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -17,10 +16,7 @@ import triton  # noqa: F401  (ImportError here means: no triton, backend not reg
 from .._registry import Backend, register_backend
 from .._validation import HALF_AND_SINGLE
 from . import triton_multilabel, triton_softmax
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .triton_interpreter import interpreter_enabled
 
 
 def _why_not(family: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:

@@ -20,12 +20,12 @@ which is why TRITON_INTERPRET must be set before mpt_kernels is imported.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-HARDWARE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
+from .triton_interpreter import interpreter_enabled
+
+HARDWARE = tl.constexpr(not interpreter_enabled())
 # Launch options of every kernel of ours. The kernels are written for contracted
 # multiply-adds (mul_rn marks the products that must not be): Triton 3.9 warns that its
 # default turns fusion off in 3.10, so it is asked for explicitly.

@@ -30,9 +30,12 @@ DESCRIPTIONS = {
 
 
 def interpreter_enabled() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton's kernels run in its interpreter (False without Triton)."""
+    try:
+        from ..backends.triton_interpreter import interpreter_enabled as enabled
+    except ImportError:
+        return False
+    return enabled()
 
 
 def run_unavailable(name: str, device: torch.device) -> Optional[str]:
