@@ -14,7 +14,9 @@ with DEVICE "cpu" and at most ``MAX_ROWS`` rows per case (the emulation runs a r
 threads one after another); class counts are as written, so every path is crossed.
 Out-of-range targets reach the kernels as they do on a GPU (on CPU tensors the backend
 checks them first: that check is off here), and every gradient and statistics buffer
-the forward allocates is filled with NaN first. Left to a GPU (test_cuda_backend only):
+the forward allocates is filled with NaN first. test_thread_order_does_not_change_the_bits
+runs the kernels' threads and blocks in both orders, which a missing barrier would make
+differ (a check of what compute-sanitizer's racecheck looks for). Left to a GPU (test_cuda_backend only):
 the approximate exp2 and reciprocal (exact on the host), the memory model, streams,
 graphs and devices, realistic and > 2^31-element sizes, speed.
 """
@@ -84,3 +86,41 @@ def test_the_emulation_is_what_runs(emulated_cuda_backend):
     assert x.device.type == "cpu" and x.shape == (MAX_ROWS, 7)
     loss, grad = suite.check_against_reference(mk.hill_loss, x, t)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+# One case per path of the softmax kernels (bf16: a row of few slots, a row kept in
+# registers, a row streamed in chunks; float32: streamed from 4097 classes) and
+# multi-label tensors of one to several blocks; upstream 1 ("sum": the forward's
+# gradient), 1.7 ("mean": the backward's recompute) and random ("none").
+@pytest.mark.parametrize("dtype, c", [(torch.bfloat16, 100), (torch.bfloat16, 3000), (torch.bfloat16, 9000),
+                                      (torch.float32, 5000)])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_thread_order_does_not_change_the_bits(dtype, c, reduction, monkeypatch):
+    """Every exchange between the kernels' threads (block merges, the row count, the
+    multi-label partial sums) is ordered by a barrier or a launch: the threads and blocks
+    run in the reverse order (the emulation's schedule, see emulation.cpp) give the same
+    bits. A missing __syncthreads would not."""
+    z, old, new, y = suite.softmax_inputs(8, c, c // 2, dtype, c)
+    x, t = suite.multilabel_inputs(8, c, dtype, torch.bool, c + 1)
+
+    def upstream(shape):
+        if reduction == "none":
+            return suite.random_upstream(torch.empty(shape, dtype=dtype), c + 2)
+        return torch.tensor(1.0 if reduction == "sum" else 1.7, dtype=dtype)
+
+    def run():
+        return [
+            *suite.loss_and_grad(mk.mpt_loss, z, y, old, new, upstream=upstream(y.shape), backend="cuda",
+                                 reduction=reduction, new_class_bias=2.0, num_old_classes=c // 2, label_smoothing=0.1),
+            *suite.loss_and_grad(mk.hill_loss, x, t, upstream=upstream(x.shape), backend="cuda", reduction=reduction),
+            *suite.loss_and_grad(mk.splc_loss, x, t, upstream=upstream(x.shape), backend="cuda", reduction=reduction,
+                                 epoch=20),
+        ]
+
+    monkeypatch.setenv("MPT_KERNELS_EMULATION_SCHEDULE", "forward")
+    forward = run()
+    monkeypatch.setenv("MPT_KERNELS_EMULATION_SCHEDULE", "reverse")
+    reverse = run()
+    for a, b in zip(forward, reverse):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)

@@ -58,3 +58,28 @@ def test_invalid_launch_configuration(selftest, grid, block):
 
 def test_still_usable_after_errors(selftest):
     test_block_reduction_sums_every_thread(selftest, 2, 64)
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_thread_order_exposes_a_missing_barrier(selftest, synced, monkeypatch):
+    # the same launch in both turn orders: the same bits with the barrier, not without it
+    block = 64
+    expected = (torch.arange(block) + 1) % block
+    results = {}
+    for token, schedule in ((100, "forward"), (200, "reverse")):
+        monkeypatch.setenv("MPT_KERNELS_EMULATION_SCHEDULE", schedule)
+        out = torch.full((block,), -1, dtype=torch.int32)
+        selftest.read_neighbour(synced, token, out.data_ptr(), block)
+        results[schedule] = out - token  # the neighbour's index where it read this launch's value
+    if synced:
+        assert torch.equal(results["forward"], expected) and torch.equal(results["reverse"], expected)
+    else:  # forward: every thread but the last reads before its neighbour writes; reverse: only the last
+        assert not torch.equal(results["forward"], results["reverse"])
+        assert torch.equal(results["reverse"][:-1], expected[:-1]) and results["reverse"][-1] != expected[-1]
+
+
+def test_unknown_schedule_is_an_error(selftest, monkeypatch):
+    monkeypatch.setenv("MPT_KERNELS_EMULATION_SCHEDULE", "random")
+    out = torch.zeros(32, dtype=torch.int32)
+    with pytest.raises(ValueError, match="MPT_KERNELS_EMULATION_SCHEDULE must be forward or reverse"):
+        selftest.read_neighbour(True, 0, out.data_ptr(), 32)

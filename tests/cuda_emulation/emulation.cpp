@@ -6,10 +6,18 @@
 // system call per switch of swapcontext. Under AddressSanitizer every switch is
 // announced to it (__sanitizer_*_switch_fiber), so it checks each fiber's stack as a
 // stack; each stack also ends in a guard page.
+//
+// The order in which threads (and blocks) take turns is a choice: ascending, or with
+// MPT_KERNELS_EMULATION_SCHEDULE=reverse (read at each launch) descending. A kernel that
+// orders every exchange between threads with a barrier gives the same bits either way;
+// one that reads what another thread writes in the same barrier interval (a missing
+// __syncthreads, a shared word reused too early) does not, whichever order hides it.
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -196,7 +204,7 @@ std::string describe_waits(int num_threads) {
   return s;
 }
 
-void run_block(uint3 block, dim3 block_dim, dim3 grid_dim) {
+void run_block(uint3 block, dim3 block_dim, dim3 grid_dim, bool reverse) {
   const int num_threads = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
   map_stacks(num_threads);
   g_block.fibers.assign(num_threads, Fiber{});
@@ -212,7 +220,8 @@ void run_block(uint3 block, dim3 block_dim, dim3 grid_dim) {
   int done = 0;
   for (;;) {
     bool progressed = false;
-    for (int t = 0; t < num_threads; ++t) {
+    for (int i = 0; i < num_threads; ++i) {
+      const int t = reverse ? num_threads - 1 - i : i;
       if (g_block.fibers[t].state != State::kReady) continue;
       enter_fiber(t);
       progressed = true;
@@ -286,12 +295,20 @@ cudaError_t run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
     return cudaErrorInvalidConfiguration;
   }
   if (g_block.current >= 0) throw std::logic_error("CUDA emulation: a launch from inside a kernel");
+  const char* schedule = std::getenv("MPT_KERNELS_EMULATION_SCHEDULE");
+  const bool reverse = schedule != nullptr && std::strcmp(schedule, "reverse") == 0;
+  if (schedule != nullptr && !reverse && std::strcmp(schedule, "forward") != 0 && schedule[0] != '\0') {
+    throw std::invalid_argument(std::string("MPT_KERNELS_EMULATION_SCHEDULE must be forward or reverse, got ") +
+                                schedule);
+  }
   g_block.body = &body;
   g_block.error.clear();
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) run_block(uint3{x, y, z}, block, grid);
-    }
+  const uint64_t num_blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  for (uint64_t i = 0; i < num_blocks; ++i) {
+    const uint64_t b = reverse ? num_blocks - 1 - i : i;
+    const uint3 index{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                      static_cast<unsigned>(b / grid.x / grid.y)};
+    run_block(index, block, grid, reverse);
   }
   return cudaSuccess;
 }

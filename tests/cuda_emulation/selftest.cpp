@@ -42,6 +42,17 @@ __global__ void partial_mask_shuffle(int* out) { *out = __shfl_down_sync(0x0000f
 
 __global__ void throwing_kernel(int*) { throw std::runtime_error("thrown inside the kernel"); }
 
+// Each thread publishes token + its index in shared memory and reads its neighbour's:
+// with the barrier (kSynced) every read sees this launch's value; without it the read
+// races the neighbour's write, so the value depends on the order the threads run in.
+template <bool kSynced>
+__global__ void read_neighbour(int token, int* out) {
+  __shared__ int published[1024];
+  published[threadIdx.x] = token + static_cast<int>(threadIdx.x);
+  if (kSynced) __syncthreads();
+  out[threadIdx.x] = published[(threadIdx.x + 1) % blockDim.x];
+}
+
 template <typename Kernel>
 void launch(Kernel kernel, unsigned grid, unsigned block, uintptr_t out) {
   MPT_LAUNCH(kernel, grid, block, nullptr)(reinterpret_cast<int*>(out));
@@ -58,6 +69,11 @@ PYBIND11_MODULE(_emulation_selftest, m) {
   m.def("early_exit_then_barrier", [](uintptr_t out) { launch(early_exit_then_barrier, 1, 64, out); });
   m.def("divergent_shuffle", [](uintptr_t out) { launch(divergent_shuffle, 1, 64, out); });
   m.def("partial_mask_shuffle", [](uintptr_t out) { launch(partial_mask_shuffle, 1, 32, out); });
+  m.def("read_neighbour", [](bool synced, int token, uintptr_t out, unsigned block) {
+    auto kernel = synced ? read_neighbour<true> : read_neighbour<false>;
+    MPT_LAUNCH(kernel, 1, block, nullptr)(token, reinterpret_cast<int*>(out));
+    mpt::check_cuda(cudaGetLastError(), "read_neighbour");
+  });
   m.def("throwing_kernel", [](uintptr_t out) { launch(throwing_kernel, 1, 32, out); });
   m.def("launch", [](unsigned grid, unsigned block, uintptr_t out) { launch(early_exit_then_barrier, grid, block, out); });
 }
