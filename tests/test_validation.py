@@ -7,7 +7,6 @@ out of range come from the CPU value check inside the backend's operator.
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -458,6 +457,7 @@ import dataclasses  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mpt_kernels import _registry  # noqa: E402
+from mpt_kernels.bench import providers  # noqa: E402
 
 CPU = torch.device("cpu")
 # numpy (Triton's interpreter) warns about lanes it computes and then masks out
@@ -486,7 +486,7 @@ def call_on(name, backend, **over):
     return ALL_CALLS[name](mpt_kernels, backend=backend, **over)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors reach Triton only in its interpreter")
+@pytest.mark.skipif(not providers.interpreter_enabled(), reason="CPU tensors reach Triton only in its interpreter")
 def test_cpu_backends_include_the_kernels():
     for family in ("softmax", "multilabel"):
         assert {"reference", "triton"} <= set(cpu_backends(family)), cpu_backends(family)
