@@ -33,3 +33,10 @@ def _seed_per_test(request):
     """Every test draws the same inputs on every run (a failure reproduces), and
     different tests draw different ones; a test that seeds itself overrides this."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def triton_compiled_not_interpreted(monkeypatch):
+    """The triton backend as on a machine where its kernels are compiled, not
+    interpreted: CPU tensors cannot reach it (and without a GPU it cannot run)."""
+    monkeypatch.setattr("mpt_kernels.backends.triton.interpreter_enabled", lambda: False)

@@ -267,11 +267,10 @@ def test_auto_picks_reference_on_cpu(index, dtype, monkeypatch):
     assert ours == [f"mpt_kernels.reference_{family}_forward.default"]  # what torch.compile records
 
 
-def test_auto_picks_reference_without_interpreter(monkeypatch):
+def test_auto_picks_reference_without_interpreter(triton_compiled_not_interpreted):
     # Without TRITON_INTERPRET and without a GPU, triton cannot run; auto still works.
     if torch.cuda.is_available():
         pytest.skip("with a GPU, triton is available")
-    monkeypatch.setattr("mpt_kernels.backends.triton.interpreter_enabled", lambda: False)
     logits, target, old, new = softmax_inputs()
     assert select_backend("softmax", "auto", logits).name == "reference"
     torch.testing.assert_close(

@@ -62,9 +62,8 @@ def test_info_says_why_a_backend_is_missing(capsys, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, triton can run")
 @pytest.mark.skipif(backends.IMPORT_ERRORS.get("triton") is not None, reason="triton did not import")
-def test_info_reports_an_unavailable_registered_backend(capsys, monkeypatch):
+def test_info_reports_an_unavailable_registered_backend(capsys, triton_compiled_not_interpreted):
     # Without TRITON_INTERPRET and without a GPU, triton is registered but cannot run.
-    monkeypatch.setattr("mpt_kernels.backends.triton.interpreter_enabled", lambda: False)  # kernels compiled, not interpreted
     assert main(["info", "--json"]) == 0
     triton_report = json.loads(capsys.readouterr().out)["backends"]["triton"]
     assert triton_report["available"] is False

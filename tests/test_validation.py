@@ -435,8 +435,7 @@ def test_triton_backend_rejects_float64(name):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, triton can run")
 @pytest.mark.parametrize("name", list(ALL_CALLS))
-def test_triton_backend_without_gpu_or_interpreter_says_why(name, monkeypatch):
-    monkeypatch.setattr("mpt_kernels.backends.triton.interpreter_enabled", lambda: False)  # kernels compiled, not interpreted
+def test_triton_backend_without_gpu_or_interpreter_says_why(name, triton_compiled_not_interpreted):
     expect_error(ALL_CALLS[name], "public", ValueError,
                  r"backend 'triton' cannot run here: no CUDA device", backend="triton")
 
@@ -511,9 +510,8 @@ def test_cpu_tensors_to_the_cuda_backend(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(ALL_CALLS))
-def test_cpu_tensors_to_the_triton_backend_without_interpreter(name, monkeypatch):
+def test_cpu_tensors_to_the_triton_backend_without_interpreter(name, monkeypatch, triton_compiled_not_interpreted):
     _pretend_runnable(monkeypatch, "triton")
-    monkeypatch.setattr("mpt_kernels.backends.triton.interpreter_enabled", lambda: False)  # kernels compiled, not interpreted
     expect_error(ALL_CALLS[name], "public", ValueError,
                  r"backend 'triton' cannot run here: Triton kernels run on CUDA tensors, got a cpu tensor",
                  backend="triton")
