@@ -53,27 +53,28 @@ __global__ void read_neighbour(int token, int* out) {
   out[threadIdx.x] = published[(threadIdx.x + 1) % blockDim.x];
 }
 
-template <typename Kernel>
-void launch(Kernel kernel, unsigned grid, unsigned block, uintptr_t out) {
-  MPT_LAUNCH(kernel, grid, block, nullptr)(reinterpret_cast<int*>(out));
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned grid, unsigned block, Args... args) {
+  MPT_LAUNCH(kernel, grid, block, nullptr)(args...);
   mpt::check_cuda(cudaGetLastError(), "the self-test kernel");
 }
+
+int* ints(uintptr_t address) { return reinterpret_cast<int*>(address); }
 
 }  // namespace
 
 PYBIND11_MODULE(_emulation_selftest, m) {
   m.def("block_sums", [](uintptr_t sums, unsigned grid, unsigned block) {
-    MPT_LAUNCH(block_sums, grid, block, nullptr)(reinterpret_cast<int64_t*>(sums));
-    mpt::check_cuda(cudaGetLastError(), "block_sums");
+    launch(block_sums, grid, block, reinterpret_cast<int64_t*>(sums));
   });
-  m.def("early_exit_then_barrier", [](uintptr_t out) { launch(early_exit_then_barrier, 1, 64, out); });
-  m.def("divergent_shuffle", [](uintptr_t out) { launch(divergent_shuffle, 1, 64, out); });
-  m.def("partial_mask_shuffle", [](uintptr_t out) { launch(partial_mask_shuffle, 1, 32, out); });
+  m.def("early_exit_then_barrier", [](uintptr_t out) { launch(early_exit_then_barrier, 1, 64, ints(out)); });
+  m.def("divergent_shuffle", [](uintptr_t out) { launch(divergent_shuffle, 1, 64, ints(out)); });
+  m.def("partial_mask_shuffle", [](uintptr_t out) { launch(partial_mask_shuffle, 1, 32, ints(out)); });
   m.def("read_neighbour", [](bool synced, int token, uintptr_t out, unsigned block) {
-    auto kernel = synced ? read_neighbour<true> : read_neighbour<false>;
-    MPT_LAUNCH(kernel, 1, block, nullptr)(token, reinterpret_cast<int*>(out));
-    mpt::check_cuda(cudaGetLastError(), "read_neighbour");
+    launch(synced ? read_neighbour<true> : read_neighbour<false>, 1, block, token, ints(out));
   });
-  m.def("throwing_kernel", [](uintptr_t out) { launch(throwing_kernel, 1, 32, out); });
-  m.def("launch", [](unsigned grid, unsigned block, uintptr_t out) { launch(early_exit_then_barrier, grid, block, out); });
+  m.def("throwing_kernel", [](uintptr_t out) { launch(throwing_kernel, 1, 32, ints(out)); });
+  m.def("launch", [](unsigned grid, unsigned block, uintptr_t out) {
+    launch(early_exit_then_barrier, grid, block, ints(out));
+  });
 }
