@@ -16,9 +16,9 @@ Out-of-range targets reach the kernels as they do on a GPU (on CPU tensors the b
 checks them first: that check is off here), and every gradient and statistics buffer
 the forward allocates is filled with NaN first. test_thread_order_does_not_change_the_bits
 runs the kernels' threads and blocks in both orders, which a missing barrier would make
-differ (a check of what compute-sanitizer's racecheck looks for). Left to a GPU (test_cuda_backend only):
-the approximate exp2 and reciprocal (exact on the host), the memory model, streams,
-graphs and devices, realistic and > 2^31-element sizes, speed.
+differ (a check of what compute-sanitizer's racecheck looks for). Left to a GPU
+(test_cuda_backend only): the approximate exp2 and reciprocal (exact on the host), the
+memory model, streams, graphs and devices, realistic and > 2^31-element sizes, speed.
 """
 
 from __future__ import annotations

@@ -837,10 +837,10 @@ lag_override: Optional[int] = None
 
 def _chunking(num_rows: int, num_classes: int, plan: _Plan, device: torch.device) -> tuple[int, int, int]:
     """(classes per chunk, chunks per row, lag in rows) for a forward that writes the
-    gradient; (0, 1, 0): one program per row. The lag covers the programs an SM holds at once (by threads
-    and by registers), over all SMs: the chunks a program waits for then started about
-    one wave earlier, so a wait is rare, and the data read between a chunk's two reads
-    is about one wave's chunks."""
+    gradient; (0, 1, 0): one program per row. The lag covers the programs an SM holds at
+    once (by threads and by registers), over all SMs: the chunks a program waits for then
+    started about one wave earlier, so a wait is rare, and the data read between a
+    chunk's two reads is about one wave's chunks."""
     rows = 0, 1, 0
     if chunk_classes is None:
         return rows
