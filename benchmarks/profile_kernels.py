@@ -99,6 +99,10 @@ def main():
     parser.add_argument("--triton-chunk", default=None, metavar="CLASSES|none",
                         help="chunked rows in the Triton softmax forward with gradient: classes per chunk, "
                              "or 'none' for one program per row (default: the module's, chunk_classes)")
+    parser.add_argument("--cuda-shared-row-bytes", default=None, metavar="BYTES|device",
+                        help="shared memory per row in which the CUDA softmax forward keeps a long row's chunks "
+                             "between its sweeps: bytes (0: none, the row is read twice), or 'device' for the "
+                             "device's limit (default: the module's, SHARED_ROW_BYTES)")
     parser.add_argument("--multilabel-tile", default=None, metavar="ELEMENTS[:WARPS]",
                         help="elements (and warps) per program of the Triton multi-label kernel "
                              "(default: the module's, TILE_ELEMENTS and TILE_WARPS)")
@@ -116,6 +120,11 @@ def main():
             triton_softmax.MAX_REGISTERS = None if args.triton_maxnreg == "none" else int(args.triton_maxnreg)
         if args.triton_chunk is not None:
             triton_softmax.chunk_classes = None if args.triton_chunk == "none" else int(args.triton_chunk)
+    if args.cuda_shared_row_bytes is not None:
+        from mpt_kernels.backends import cuda as cuda_backend
+
+        limit = args.cuda_shared_row_bytes
+        cuda_backend.SHARED_ROW_BYTES = None if limit == "device" else int(limit)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
     if args.cprofile:

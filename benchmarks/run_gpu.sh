@@ -11,7 +11,8 @@
 # compute-sanitizer), SANITIZE_K (its pytest -k), SANITIZE_TIMEOUT_S, TEST_WORKERS,
 # SKIP_TESTS=1 (the whole budget to the sweep), SKIP_MICRO=1, SKIP_BENCH=1, PROFILE=1 (profile_kernels.py first;
 # PROFILE_ARGS, CPROFILE_TARGETS, PROFILE_TILES="4096:8 8192:8 ..." for the multi-label tiles,
-# PROFILE_CHUNKS="none 4096 8192 ..." for the Triton softmax's chunked rows), PYTHON
+# PROFILE_CHUNKS="none 4096 8192 ..." for the Triton softmax's chunked rows,
+# PROFILE_SHARED_ROWS="0 device ..." for the CUDA softmax's rows kept in shared memory), PYTHON
 # (default python3), BENCH_ARGS (extra arguments for `mpt-kernels bench`, e.g.
 # "--loss mpt_kl hill_loss"). Wheels under .whl/ (Liger-Kernel, say) are installed first
 # when present.
@@ -67,6 +68,12 @@ if [ "${PROFILE:-0}" = "1" ]; then
         section "kernel profile, Triton softmax chunks of $chunk classes"
         "$PYTHON" benchmarks/profile_kernels.py --loss mpt_kl mpt_lm --backend triton \
             --triton-chunk "$chunk" 2>&1 | grep -v Warning | tee -a "$RESULTS/profile-$STAMP.txt"
+    done
+    # the CUDA softmax forward's long rows in shared memory (bytes per row, or device), one after another
+    for bytes in ${PROFILE_SHARED_ROWS:-}; do
+        section "kernel profile, CUDA softmax rows in shared memory: $bytes"
+        "$PYTHON" benchmarks/profile_kernels.py --loss mpt_kl mpt_lm --backend cuda \
+            --cuda-shared-row-bytes "$bytes" 2>&1 | grep -v Warning | tee -a "$RESULTS/profile-$STAMP.txt"
     done
     for target in ${CPROFILE_TARGETS:-triton:mpt_kl:8192}; do
         section "host time by function: $target"

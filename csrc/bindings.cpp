@@ -111,14 +111,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "softmax_forward",
       [](const SoftmaxInputs& inputs, int reduction, uintptr_t row_loss, uintptr_t counted_rows, uintptr_t loss,
-         uintptr_t grad, uintptr_t stats, int device, uintptr_t stream) {
-        softmax_forward(SoftmaxForwardArgs{inputs, reduction, row_loss, counted_rows, loss, grad, stats},
-                        Launch{device, stream});
+         uintptr_t grad, uintptr_t stats, int64_t shared_row_bytes, int device, uintptr_t stream) {
+        softmax_forward(
+            SoftmaxForwardArgs{inputs, reduction, row_loss, counted_rows, loss, grad, stats, shared_row_bytes},
+            Launch{device, stream});
       },
       py::kw_only(), py::arg("inputs"), py::arg("reduction"), py::arg("row_loss"), py::arg("counted_rows"),
-      py::arg("loss"), py::arg("grad"), py::arg("stats"), py::arg("device"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(),
-      "Softmax-family loss; when grad != 0, also its gradient for an upstream gradient of 1 and the rows' stats.");
+      py::arg("loss"), py::arg("grad"), py::arg("stats"), py::arg("shared_row_bytes") = -1, py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Softmax-family loss; when grad != 0, also its gradient for an upstream gradient of 1 and the rows' stats. "
+      "shared_row_bytes: the most shared memory a row may keep its chunks in between the two sweeps "
+      "(-1: the device's limit; 0: none, a long row is read twice).");
 
   m.def(
       "softmax_backward",

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -34,19 +35,46 @@ inline void check_cuda(cudaError_t status, const char* what) {
 #define MPT_CUDA_CHECK(call) ::mpt::check_cuda((call), #call)
 #define MPT_CHECK_LAUNCH(kernel) ::mpt::check_cuda(cudaGetLastError(), "launch of " kernel)
 
-// MPT_LAUNCH(kernel, grid, block, stream)(arguments...) is kernel<<<grid, block, 0,
-// stream>>>(arguments...), written so that the emulation can launch it too.
+// MPT_LAUNCH_SHARED(kernel, grid, block, shared_bytes, stream)(arguments...) is
+// kernel<<<grid, block, shared_bytes, stream>>>(arguments...), written so that the
+// emulation can launch it too; MPT_LAUNCH is the same without dynamic shared memory.
+// MPT_DYNAMIC_SHARED(T, name) declares `name`, the block's dynamic shared memory as T[].
 #if defined(MPT_CUDA_EMULATION)
-#define MPT_LAUNCH(kernel, grid, block, stream) ::mpt_emulation::launch(kernel, grid, block, stream)
+#define MPT_LAUNCH_SHARED(kernel, grid, block, shared_bytes, stream) \
+  ::mpt_emulation::launch(kernel, grid, block, shared_bytes, stream)
+#define MPT_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::mpt_emulation::dynamic_shared())
 #else
-#define MPT_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#define MPT_LAUNCH_SHARED(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
+#define MPT_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
 #endif
+#define MPT_LAUNCH(kernel, grid, block, stream) MPT_LAUNCH_SHARED(kernel, grid, block, 0, stream)
 
 // The static cudart keeps its own current device, separate from torch's: set it for
 // every entry point, so that tensors on cuda:1 run on cuda:1.
 inline cudaStream_t enter_device(const Launch& launch) {
   MPT_CUDA_CHECK(cudaSetDevice(launch.device));
   return reinterpret_cast<cudaStream_t>(launch.stream);
+}
+
+// The most dynamic shared memory a block of `kernel` may have on the current device,
+// `device`: the device's opt-in limit less the kernel's static shared memory. CUDA asks
+// for the opt-in (cudaFuncSetAttribute) before a launch may use more than 48 KiB; it is
+// made once per kernel and device and remembered in `granted` (one entry per device, 0
+// while not yet asked; a device past the entries asks at every launch).
+template <typename Kernel, int kDevices>
+int dynamic_shared_limit(Kernel* kernel, int device, std::atomic<int> (&granted)[kDevices]) {
+  const bool cached = device >= 0 && device < kDevices;
+  if (cached && granted[device].load(std::memory_order_relaxed) > 0) {
+    return granted[device].load(std::memory_order_relaxed) - 1;
+  }
+  int opt_in = 0;
+  MPT_CUDA_CHECK(cudaDeviceGetAttribute(&opt_in, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes{};
+  MPT_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const int limit = opt_in - static_cast<int>(attributes.sharedSizeBytes);
+  MPT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+  if (cached) granted[device].store(limit + 1, std::memory_order_relaxed);
+  return limit;
 }
 
 // --------------------------------------------------------------------------- dtypes

@@ -47,6 +47,8 @@ struct SoftmaxForwardArgs {
   uintptr_t loss;          // (): the reduced loss in the logits' dtype ("sum"/"mean"), else 0
   uintptr_t grad;          // (N, C) contiguous in the logits' dtype, or 0: no gradient
   uintptr_t stats;         // float32 (N, kSoftmaxStatFloats) contiguous, with grad (counted rows only)
+  int64_t shared_row_bytes;  // with grad: the most shared memory a block may keep its row's chunks in
+                             // between the two sweeps; -1: as much as the device allows, 0: none
 };
 
 struct SoftmaxBackwardArgs {
@@ -92,7 +94,8 @@ constexpr int kMultilabelMaxBlocks = 2048;
 // The softmax kernels' largest block, and the slots (of 16 bytes of each input) a thread
 // holds in registers: a row of at most kMaxRowThreads * kSlotsPerThread slots (RowLayout:
 // 4096 classes of fp32, 8192 of fp16/bf16) stays in registers and is read once; a longer
-// row is read twice (statistics sweep, then gradient sweep).
+// row is swept twice (statistics, then gradient), its chunks kept in shared memory
+// between the sweeps as far as it holds them, the rest read again.
 constexpr int kMaxRowThreads = 512;
 constexpr int kSlotsPerThread = 2;
 

@@ -8,9 +8,12 @@
 // merges the states once, in a fixed tree. A row of at most blockDim.x * kSlotsPerThread
 // slots is one chunk: its raw 16-byte slots stay in registers, so the forward with
 // gradient reads every input once and writes the gradient once (only the class_bias
-// vector, shared by every row, is read again, from cache). A longer row is read twice,
-// statistics then gradient, the gradient sweep going last chunk first (the likeliest
-// still in L2).
+// vector, shared by every row, is read again, from cache). A longer row is swept twice,
+// statistics then gradient: the forward keeps its first chunks' raw slots in shared
+// memory between the sweeps, as many as the device gives a block (StagedChunks; on
+// sm_90, 4 chunks of 48 KiB: a bf16 row of 32768 classes with both teachers, or 14 of
+// 16 KiB without them), and reads the rest again, the gradient sweep going last chunk
+// first (the likeliest still in L2).
 //
 // The forward writes the gradient for an upstream gradient of 1, with "mean"'s 1/count
 // folded in (count_rows_kernel counts the rows on the device first), and saves each
@@ -20,6 +23,8 @@
 // gradient multiplied into the coefficients in float32, and rounded once. Both kernels
 // run the same gradient sweep. Per-row losses go to a float32 buffer, reduced in a fixed
 // order.
+#include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "cuda_common.cuh"
@@ -48,6 +53,7 @@ struct SoftmaxKernelArgs {
   int64_t upstream_stride;      // backward: 0 for a scalar
   void* grad;
   bool vec_logits, vec_old, vec_new, vec_bias, vec_grad;  // 16-byte accesses allowed
+  int staged_chunks;  // forward with gradient: the row's first chunks kept in shared memory (StagedChunks)
 };
 
 __device__ __forceinline__ int64_t read_target(const void* target, int64_t index, bool is_int64) {
@@ -136,6 +142,9 @@ __device__ __forceinline__ RawSlot load_raw(const typename D::storage* row, cons
 }
 
 // ---------------------------------------------------------------------------- one row
+// The input streams of a row: the logits and, where present, the two teachers.
+enum Stream : int { kStreamLogits = 0, kStreamOld = 1, kStreamNew = 2 };
+
 template <typename D>
 struct RowPointers {
   using S = typename D::storage;
@@ -149,6 +158,33 @@ struct RowPointers {
         old(a.row.has_old ? static_cast<const S*>(a.old_logits) + row * a.old_row_stride : nullptr),
         neu(a.row.has_new ? static_cast<const S*>(a.new_logits) + row * a.new_row_stride : nullptr),
         grad(a.grad != nullptr ? static_cast<S*>(a.grad) + row * a.row.num_classes : nullptr) {}
+
+  __device__ __forceinline__ const S* of(int stream) const {
+    return stream == kStreamLogits ? z : (stream == kStreamOld ? old : neu);  // a constant after unrolling
+  }
+};
+
+__device__ __forceinline__ bool stream_aligned(const SoftmaxKernelArgs& a, int stream) {
+  return stream == kStreamLogits ? a.vec_logits : (stream == kStreamOld ? a.vec_old : a.vec_new);
+}
+
+// Shared memory that holds a streamed row's first `chunks` chunks between the forward's
+// sweeps, so that they are read from memory once. One raw slot per (chunk, slot of the
+// chunk, stream present, thread), the threads innermost: a warp's 16-byte accesses are
+// adjacent. Each thread reads back only what it stored, so no barrier orders them.
+template <int NV>
+struct StagedChunks {
+  RawSlot* base;
+  int chunks;   // 0: none (the backward, and rows in registers)
+  int streams;  // the logits, then the old and the new teacher where present
+
+  __device__ StagedChunks(RawSlot* base_, int chunks_, const SoftmaxRowParams& p)
+      : base(base_), chunks(chunks_), streams(1 + p.has_old + p.has_new) {}
+
+  __device__ __forceinline__ RawSlot& at(int chunk, int k, int stream) const {
+    const int position = stream == kStreamNew ? streams - 1 : stream;  // the new teacher is last
+    return base[((chunk * NV + k) * streams + position) * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)];
+  }
 };
 
 // The raw slots of this thread's chunk: slot (chunk·NV + k)·blockDim.x + threadIdx.x.
@@ -162,17 +198,40 @@ struct ChunkSlots {
     return (chunk * NV + k) * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
   }
 
-  __device__ __forceinline__ void load(const SoftmaxKernelArgs& a, const RowLayout& layout, const RowPointers<D>& row,
-                                       int chunk) {
+  // f(stream, k, span, raw slot) for each raw slot of the chunk that this thread holds
+  // (the old teacher's on old slots only): the walk of load, stage and unstage.
+  template <typename F>
+  __device__ __forceinline__ void each_slot(const SoftmaxRowParams& p, const RowLayout& layout, int chunk, F&& f) {
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int s = slot(chunk, k);
       if (s >= layout.slots) break;
       const SlotSpan span = layout.span(s);
-      z[k] = load_raw<D>(row.z, span, a.vec_logits);
-      if (a.row.has_old && span.old_segment) r_old[k] = load_raw<D>(row.old, span, a.vec_old);
-      if (a.row.has_new) r_new[k] = load_raw<D>(row.neu, span, a.vec_new);
+      f(kStreamLogits, k, span, z[k]);
+      if (p.has_old && span.old_segment) f(kStreamOld, k, span, r_old[k]);
+      if (p.has_new) f(kStreamNew, k, span, r_new[k]);
     }
+  }
+
+  // from memory
+  __device__ __forceinline__ void load(const SoftmaxKernelArgs& a, const RowLayout& layout, const RowPointers<D>& row,
+                                       int chunk) {
+    each_slot(a.row, layout, chunk, [&](int stream, int, const SlotSpan& span, RawSlot& raw) {
+      raw = load_raw<D>(row.of(stream), span, stream_aligned(a, stream));
+    });
+  }
+
+  // to and from the shared memory of StagedChunks
+  __device__ __forceinline__ void stage(const SoftmaxRowParams& p, const RowLayout& layout,
+                                        const StagedChunks<NV>& staged, int chunk) {
+    each_slot(p, layout, chunk,
+              [&](int stream, int k, const SlotSpan&, RawSlot& raw) { staged.at(chunk, k, stream) = raw; });
+  }
+
+  __device__ __forceinline__ void unstage(const SoftmaxRowParams& p, const RowLayout& layout,
+                                          const StagedChunks<NV>& staged, int chunk) {
+    each_slot(p, layout, chunk,
+              [&](int stream, int k, const SlotSpan&, RawSlot& raw) { raw = staged.at(chunk, k, stream); });
   }
 
   // Slot k as float32, for the math.
@@ -192,16 +251,22 @@ struct ChunkSlots {
 };
 
 // The gradient sweep, shared by the forward (upstream 1; a one-chunk row from the
-// registers) and the backward (the row's upstream gradient, reading the row): every
-// column's gradient, rounded once into the logits' dtype. Last chunk first.
+// registers, the staged chunks of a longer one from shared memory) and the backward (the
+// row's upstream gradient, reading the row): every column's gradient, rounded once into
+// the logits' dtype. Last chunk first: of the chunks read again, the likeliest in L2.
 template <typename D, int NV>
 __device__ __forceinline__ void gradient_sweep(const SoftmaxKernelArgs& a, const SoftmaxRowConsts& c,
                                                const RowLayout& layout, const RowPointers<D>& row, int chunks,
-                                               bool in_registers, ChunkSlots<D, NV>& slots, int y,
-                                               const SoftmaxRowStats& stats, float upstream) {
+                                               bool in_registers, const StagedChunks<NV>& staged,
+                                               ChunkSlots<D, NV>& slots, int y, const SoftmaxRowStats& stats,
+                                               float upstream) {
   #pragma unroll 1
   for (int chunk = chunks - 1; chunk >= 0; --chunk) {
-    if (!in_registers) slots.load(a, layout, row, chunk);
+    if (chunk < staged.chunks) {
+      slots.unstage(a.row, layout, staged, chunk);
+    } else if (!in_registers) {
+      slots.load(a, layout, row, chunk);
+    }
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const SlotValues<kVec<D>> v = slots.values(a, layout, chunk, k);
@@ -220,8 +285,13 @@ struct StateMerge {
   }
 };
 
+// The chunks of NV rounds of `threads` slots that cover a row.
+__host__ __device__ __forceinline__ int chunk_count(const RowLayout& layout, int threads, int nv) {
+  return (layout.rounds(threads) + nv - 1) / nv;
+}
+
 __device__ __forceinline__ int row_chunks(const RowLayout& layout, int nv) {
-  return (layout.rounds(static_cast<int>(blockDim.x)) + nv - 1) / nv;
+  return chunk_count(layout, static_cast<int>(blockDim.x), nv);
 }
 
 template <typename D, int NV>
@@ -250,12 +320,15 @@ __global__ void __launch_bounds__(kMaxRowThreads) softmax_loss_kernel(const Soft
   const RowLayout layout(C, p.num_old_classes, kVec<D>);
   const int chunks = row_chunks(layout, NV);
 
-  // Sweep 1: the row's statistics.
+  // Sweep 1: the row's statistics; the first chunks are kept in shared memory.
+  MPT_DYNAMIC_SHARED(RawSlot, staged_slots);
+  const StagedChunks<NV> staged(staged_slots, a.staged_chunks, p);
   ChunkSlots<D, NV> slots;
   SoftmaxThreadState state = thread_state_empty();
   #pragma unroll 1
   for (int chunk = 0; chunk < chunks; ++chunk) {
     slots.load(a, layout, io, chunk);
+    if (chunk < staged.chunks) slots.stage(p, layout, staged, chunk);
     chunk_statistics<kVec<D>, NV>(state, c, [&](int k) { return slots.values(a, layout, chunk, k); }, y);
   }
   state = block_merge(state, StateMerge{c}, thread_state_empty());
@@ -273,9 +346,9 @@ __global__ void __launch_bounds__(kMaxRowThreads) softmax_loss_kernel(const Soft
   }
   if (!with_grad) return;
 
-  // Sweep 2: the gradient for an upstream gradient of 1, from the registers (one chunk)
-  // or reading the row again.
-  gradient_sweep<D, NV>(a, c, layout, io, chunks, chunks == 1, slots, y, result.stats, 1.0f);
+  // Sweep 2: the gradient for an upstream gradient of 1, from the registers (one chunk),
+  // shared memory (the staged chunks) or reading the row again.
+  gradient_sweep<D, NV>(a, c, layout, io, chunks, chunks == 1, staged, slots, y, result.stats, 1.0f);
 }
 
 // Rewrites the gradient of the rows that recompute_row selects (counted, upstream != 1)
@@ -292,8 +365,9 @@ __global__ void __launch_bounds__(kMaxRowThreads) softmax_backward_kernel(const 
   const SoftmaxRowConsts c(a.row, a.class_bias != nullptr);
   const RowLayout layout(a.row.num_classes, a.row.num_old_classes, kVec<D>);
   ChunkSlots<D, NV> slots;
-  gradient_sweep<D, NV>(a, c, layout, RowPointers<D>(a, row), row_chunks(layout, NV), false, slots,
-                        static_cast<int>(target), load_row_stats(a.stats + row * kSoftmaxStatFloats), upstream);
+  gradient_sweep<D, NV>(a, c, layout, RowPointers<D>(a, row), row_chunks(layout, NV), false,
+                        StagedChunks<NV>(nullptr, 0, a.row), slots, static_cast<int>(target),
+                        load_row_stats(a.stats + row * kSoftmaxStatFloats), upstream);
 }
 
 int next_power_of_two(int64_t n) {
@@ -313,9 +387,27 @@ int row_threads(const RowLayout& layout) {
   return p < 32 ? 32 : p;
 }
 
-// One block per row; the backward runs in the forward's shape.
+// The chunks of a streamed row that the forward with gradient keeps in shared memory
+// (StagedChunks): as many as `limit_bytes` holds, all of them at most.
+struct Staging {
+  int chunks;
+  size_t bytes;
+};
+
+Staging plan_staging(const SoftmaxRowParams& p, const RowLayout& layout, int threads, int64_t limit_bytes) {
+  const int chunks = chunk_count(layout, threads, kSlotsPerThread);
+  const int64_t chunk_bytes =
+      static_cast<int64_t>(kSlotsPerThread) * threads * (1 + p.has_old + p.has_new) * sizeof(RawSlot);
+  const int64_t staged = chunks > 1 && limit_bytes > 0 ? std::min<int64_t>(chunks, limit_bytes / chunk_bytes) : 0;
+  return {static_cast<int>(staged), static_cast<size_t>(staged * chunk_bytes)};
+}
+
+// One block per row; the backward runs in the forward's shape. The forward with
+// gradient keeps what it can of a streamed row in shared memory: at most
+// `shared_row_bytes` (-1: the device's limit).
 template <typename D, bool kBackward>
-void launch_rows(SoftmaxKernelArgs a, const SoftmaxInputs& in, uintptr_t grad, cudaStream_t stream) {
+void launch_rows(SoftmaxKernelArgs a, const SoftmaxInputs& in, uintptr_t grad, int64_t shared_row_bytes, int device,
+                 cudaStream_t stream) {
   using S = typename D::storage;
   constexpr int VEC = kVec<D>;
   a.vec_logits = slots_aligned<S, VEC>(in.logits, in.logits_row_stride);
@@ -325,8 +417,17 @@ void launch_rows(SoftmaxKernelArgs a, const SoftmaxInputs& in, uintptr_t grad, c
   a.vec_grad = grad != 0 && slots_aligned<S, VEC>(grad, in.row.num_classes);
   const RowLayout layout(in.row.num_classes, in.row.num_old_classes, VEC);
   const dim3 grid(static_cast<unsigned>(in.num_rows));
+  const int threads = row_threads(layout);
   auto kernel = kBackward ? softmax_backward_kernel<D, kSlotsPerThread> : softmax_loss_kernel<D, kSlotsPerThread>;
-  MPT_LAUNCH(kernel, grid, row_threads(layout), stream)(a);
+  Staging staging{0, 0};
+  if (!kBackward && grad != 0 && shared_row_bytes != 0 && chunk_count(layout, threads, kSlotsPerThread) > 1) {
+    static std::atomic<int> granted[16];  // per device: see dynamic_shared_limit
+    int64_t limit = dynamic_shared_limit(kernel, device, granted);
+    if (shared_row_bytes > 0) limit = std::min(limit, shared_row_bytes);
+    staging = plan_staging(in.row, layout, threads, limit);
+  }
+  a.staged_chunks = staging.chunks;
+  MPT_LAUNCH_SHARED(kernel, grid, threads, staging.bytes, stream)(a);
   check_cuda(cudaGetLastError(), kBackward ? "launch of softmax_backward_kernel" : "launch of softmax_loss_kernel");
 }
 
@@ -374,6 +475,7 @@ void softmax_forward(const SoftmaxForwardArgs& f, const Launch& launch) {
   if (in.num_rows > 0 && f.grad != 0 && f.stats == 0) fail("stats is required with grad");
   if (f.reduction == kReduceMean && f.counted_rows == 0) fail("counted_rows is required for the mean");
   if (f.reduction != kReduceNone && f.loss == 0) fail("loss is required for a scalar reduction");
+  if (f.shared_row_bytes < -1) fail("shared_row_bytes must be -1 (the device's limit) or >= 0");
 
   SoftmaxKernelArgs a = kernel_args(in, f.stats, f.grad);
   a.row_loss = reinterpret_cast<float*>(f.row_loss);
@@ -387,7 +489,9 @@ void softmax_forward(const SoftmaxForwardArgs& f, const Launch& launch) {
     MPT_CHECK_LAUNCH("count_rows_kernel");
   }
   if (in.num_rows > 0) {
-    dispatch_logits_dtype(in.dtype, [&](auto tag) { launch_rows<decltype(tag), false>(a, in, f.grad, stream); });
+    dispatch_logits_dtype(in.dtype, [&](auto tag) {
+      launch_rows<decltype(tag), false>(a, in, f.grad, f.shared_row_bytes, launch.device, stream);
+    });
   }
   if (f.reduction != kReduceNone) {
     launch_finish_sum(in.dtype, a.row_loss, in.num_rows, a.counted_rows, 0.0f, reinterpret_cast<void*>(f.loss),
@@ -406,7 +510,9 @@ void softmax_backward(const SoftmaxBackwardArgs& b, const Launch& launch) {
   a.upstream = reinterpret_cast<const void*>(b.upstream);
   a.upstream_stride = b.upstream_stride;
   cudaStream_t stream = enter_device(launch);
-  dispatch_logits_dtype(in.dtype, [&](auto tag) { launch_rows<decltype(tag), true>(a, in, b.grad, stream); });
+  dispatch_logits_dtype(in.dtype, [&](auto tag) {
+    launch_rows<decltype(tag), true>(a, in, b.grad, 0, launch.device, stream);
+  });
 }
 
 }  // namespace mpt

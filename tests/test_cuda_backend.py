@@ -244,7 +244,8 @@ def test_focal_distillation_with_fewer_reference_classes(dtype, kind, focus):
 # --------------------------------------------------------------------------- softmax family: shapes
 # small rows (one 16-byte slot per thread), rows kept in registers (up to 4096 classes
 # of float32, 8192 of 16-bit: _C.ROW_THREADS * _C.SLOTS_PER_THREAD slots), and streamed
-# rows (several chunks); class counts not multiples of any block, K = 2C/3 not a
+# rows (several chunks: in shared memory between the forward's sweeps up to 4 of them,
+# the rest read twice); class counts not multiples of any block, K = 2C/3 not a
 # multiple of the slot either
 SHAPES = [(333, 1), (333, 7), (512, 100), (256, 1000), (128, 1025), (64, 4099), (64, 8192), (32, 8193), (16, 21843),
           (8, 50000)]
@@ -284,6 +285,39 @@ def test_reduction_none_with_random_upstream(dtype, n, c):
     upstream[:3] = 1  # rows the backward kernel leaves as the forward wrote them
     loss, grad = check_against_reference(mk.mpt_loss, z, y, old, new, upstream=upstream, reduction="none")
     assert (loss[y == -100] == 0).all() and (grad[y == -100] == 0).all()
+
+
+# Shared memory for a long row's chunks between the forward's sweeps
+# (cuda_backend.SHARED_ROW_BYTES): none (the row is read twice); 48 KiB, one chunk of
+# the logits and both teachers (2 slots x 512 threads x 16 bytes each); the device's
+# limit (4 such chunks: all of bf16 C = 20000's 3, 4 of float32 C = 20000's 5).
+SHARED_ROW_LIMITS = {"none": 0, "one_chunk": 48 * 1024, "device": None}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [9000, 20000])  # 2-3 chunks; 3-5 chunks
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_long_rows_from_shared_memory_or_read_twice(dtype, c, reduction, monkeypatch):
+    """Upstream 1: the gradient is the forward's, whose second sweep reads the staged
+    chunks from shared memory. Each loss has other streams (both teachers, the old or the
+    new one, none); every limit matches the reference and gives the same bits."""
+    z, old, new, y = softmax_inputs(64, c, c // 2, dtype, 70 + c)
+    options = dict(reduction=reduction)
+    cases = [
+        (mk.mpt_loss, (z, y, old, new), dict(options, new_class_bias=2.0, label_smoothing=0.1, focus="neg_flip")),
+        (mk.mpt_loss, (z, y, None, new), dict(options, num_old_classes=c // 2, kind="lm")),
+        (mk.focal_distillation, (z, old, y), dict(options, focus="student_wrong")),
+        (mk.margin_cross_entropy, (z, y), dict(options, new_class_bias=4.0, num_old_classes=c // 3)),
+    ]
+    one = torch.ones(y.shape if reduction == "none" else (), device=DEVICE, dtype=dtype)
+    for function, args, case_options in cases:
+        results = {}
+        for name, limit in SHARED_ROW_LIMITS.items():
+            monkeypatch.setattr(cuda_backend, "SHARED_ROW_BYTES", limit)
+            results[name] = check_against_reference(function, *args, upstream=one, **case_options)
+        for name in ("one_chunk", "device"):
+            assert torch.equal(results[name][0], results["none"][0]), (function.__name__, name)
+            assert torch.equal(results[name][1], results["none"][1]), (function.__name__, name)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

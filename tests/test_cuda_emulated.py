@@ -6,8 +6,9 @@ CUDA (every CUDA thread a fiber, __syncthreads and warp shuffles as barriers) an
 it behind ``backend="cuda"`` for CPU tensors; the backend's Python code is the real one.
 So CI runs every kernel of the backend, its launch configurations, indexing, block
 reductions and paths (rows of one slot per thread, rows kept in registers, rows
-streamed in chunks; 16-byte and scalar accesses; the backward's recompute) on every
-submission, and test_cuda_emulated_asan.py runs this file again under AddressSanitizer.
+streamed in chunks, kept in shared memory between the sweeps or read twice; 16-byte and
+scalar accesses; the backward's recompute) on every submission, and
+test_cuda_emulated_asan.py runs this file again under AddressSanitizer.
 
 The tests are test_cuda_backend's own (imported below, so that one suite serves both),
 with DEVICE "cpu" and at most ``MAX_ROWS`` rows per case (the emulation runs a row's
@@ -38,6 +39,7 @@ from test_cuda_backend import (  # noqa: F401  (collected here as well)
     test_focal_distillation_with_fewer_reference_classes,
     test_hill_and_splc_dtypes,
     test_hill_parameters,
+    test_long_rows_from_shared_memory_or_read_twice,
     test_ignored_rows_keep_zero_gradient_for_a_nan_upstream,
     test_margin_cross_entropy,
     test_masked_classes_stay_finite,

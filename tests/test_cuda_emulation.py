@@ -83,3 +83,31 @@ def test_unknown_schedule_is_an_error(selftest, monkeypatch):
     out = torch.zeros(32, dtype=torch.int32)
     with pytest.raises(ValueError, match="MPT_KERNELS_EMULATION_SCHEDULE must be forward or reverse"):
         selftest.read_neighbour(True, 0, out.data_ptr(), 32)
+
+
+SM90_SHARED_OPT_IN = 232448  # bytes of shared memory a block may opt in to on sm_90 (227 KiB)
+
+
+@pytest.mark.parametrize("shared_bytes", [512, 48 * 1024])  # more words than the 64 threads write
+def test_dynamic_shared_memory_up_to_48_kib_needs_no_opt_in(selftest, shared_bytes):
+    block = 64
+    out = torch.zeros(block + 1, dtype=torch.int32)
+    assert selftest.dynamic_shared_words(False, shared_bytes, block, out.data_ptr()) == -1
+    assert torch.equal(out[:block], (torch.arange(block, dtype=torch.int32) + 1) % block + 1)
+    assert out[block] == -1  # a word no thread wrote holds the 0xff bytes the block started with
+
+
+def test_more_dynamic_shared_memory_than_48_kib_without_opt_in_is_an_error(selftest):
+    # as a GPU refuses it: cudaFuncSetAttribute(MaxDynamicSharedMemorySize) comes first
+    with pytest.raises(RuntimeError, match="cudaErrorInvalidValue"):
+        selftest.dynamic_shared_words(False, 48 * 1024 + 16, 64, torch.zeros(65, dtype=torch.int32).data_ptr())
+
+
+def test_dynamic_shared_limit_opts_in_to_the_device_limit(selftest):
+    # csrc's dynamic_shared_limit: the device's opt-in limit less the kernel's static shared
+    # memory (0 here: the emulation cannot see it), granted so that a launch may use it all
+    out = torch.zeros(65, dtype=torch.int32)
+    assert selftest.dynamic_shared_words(True, SM90_SHARED_OPT_IN, 64, out.data_ptr()) == SM90_SHARED_OPT_IN
+    assert out[64] == -1
+    with pytest.raises(RuntimeError, match="cudaErrorInvalidValue"):
+        selftest.dynamic_shared_words(True, SM90_SHARED_OPT_IN + 16, 64, out.data_ptr())

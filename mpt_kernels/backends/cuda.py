@@ -47,6 +47,13 @@ else:
 _INT64_RANGE = (-(2**63), 2**63 - 1)
 _MAX_CLASSES = 2**31 - 1  # column indices are 32-bit in the kernels
 
+# Shared memory (bytes per row) in which the softmax forward with gradient may keep a
+# long row's first chunks between its statistics and gradient sweeps, so that they are
+# read once (csrc/softmax_loss.cu, StagedChunks): None, as much as the device gives a
+# block; 0, none (a row longer than the registers hold is read twice). For tests and
+# profiling.
+SHARED_ROW_BYTES: Optional[int] = None
+
 
 # --------------------------------------------------------------------------- tensors to addresses
 def _with_unit_column_stride(tensor: torch.Tensor) -> torch.Tensor:
@@ -58,7 +65,6 @@ def _with_unit_column_stride(tensor: torch.Tensor) -> torch.Tensor:
 
 def _launch(device: torch.device) -> dict:
     return {"device": device.index, "stream": torch.cuda.current_stream(device).cuda_stream}
-
 
 
 def _address(tensor: Optional[torch.Tensor]) -> int:
@@ -149,6 +155,7 @@ def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
         loss=_address(loss),
         grad=_address(saved[0] if saved else None),
         stats=_address(saved[1] if saved else None),
+        shared_row_bytes=-1 if SHARED_ROW_BYTES is None else SHARED_ROW_BYTES,
         **_launch(device),
     )
     del keep_alive  # after the launch: on the same stream, the allocator reuses them only after the kernels

@@ -7,8 +7,11 @@
 // shuffle, and a barrier opens once every thread it waits for has arrived, so a kernel
 // whose threads do not all reach a barrier fails with a message instead of hanging.
 // Blocks of a grid run one after another. Shared memory is a static variable (every
-// fiber of the block sees the same one). Launch configurations are checked as the GPU
-// checks them, and reported through cudaGetLastError().
+// fiber of the block sees the same one); dynamic shared memory is a buffer of the
+// launch's exact size per block, filled with 0xff bytes (NaN) first. Launch
+// configurations are checked as the GPU checks them, dynamic shared memory against the
+// kernel's limit (48 KiB unless raised by cudaFuncSetAttribute, up to sm_90's opt-in
+// limit), and reported through cudaGetLastError().
 //
 // What this cannot see: the GPU's memory model, timing and its approximate math (the
 // kernels' fast_exp2 and fast_reciprocal are exact libm operations on the host).
@@ -104,6 +107,16 @@ inline uint16_t __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
+enum cudaDeviceAttr : int { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+// What cudaFuncGetAttributes reports here: the emulation does not know a kernel's static
+// shared memory (it reports 0) and keeps the dynamic limit per kernel.
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+  int maxDynamicSharedSizeBytes;
+};
+
 enum cudaError_t : int {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
@@ -128,9 +141,18 @@ void sync_threads();
 // One step of a warp shuffle: publishes `value`, waits for the whole warp, and returns
 // the value of lane `source_lane` (this lane's own for an out-of-range one).
 uint64_t warp_exchange(unsigned mask, uint64_t value, int source_lane);
-// Runs body() once per thread of every block of the grid, or returns the error a GPU
-// would report for the configuration.
-cudaError_t run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
+// Runs body() once per thread of every block of the grid, each block with
+// `shared_bytes` of dynamic shared memory, or returns the error a GPU would report for
+// the configuration (of `kernel`, as cudaFuncSetAttribute left it).
+cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* kernel,
+                     const std::function<void()>& body);
+// The running block's dynamic shared memory (nullptr when the launch asked for none).
+void* dynamic_shared();
+// The device's opt-in limit of shared memory per block (sm_90's), and a kernel's dynamic
+// shared memory limit: 48 KiB until set_dynamic_shared_limit raises it.
+constexpr int kSharedMemoryOptIn = 232448;
+int dynamic_shared_limit(const void* kernel);
+cudaError_t set_dynamic_shared_limit(const void* kernel, int bytes);
 
 cudaError_t take_last_error();
 void set_last_error(cudaError_t error);
@@ -140,19 +162,21 @@ template <typename... Params>
 struct Launcher {
   void (*kernel)(Params...);
   dim3 grid, block;
+  size_t shared_bytes;
 
   template <typename... Args>
   void operator()(Args&&... args) const {
     // the kernel's parameters by value, as CUDA copies them at the launch
     const std::tuple<std::decay_t<Params>...> copied(std::forward<Args>(args)...);
-    const cudaError_t error = run_grid(grid, block, [&] { std::apply(kernel, copied); });
+    const cudaError_t error = run_grid(grid, block, shared_bytes, reinterpret_cast<const void*>(kernel),
+                                       [&] { std::apply(kernel, copied); });
     if (error != cudaSuccess) set_last_error(error);
   }
 };
 
 template <typename... Params>
-Launcher<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t) {
-  return Launcher<Params...>{kernel, grid, block};
+Launcher<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t) {
+  return Launcher<Params...>{kernel, grid, block, shared_bytes};
 }
 
 }  // namespace mpt_emulation
@@ -178,6 +202,25 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
 }
 
 inline cudaError_t cudaGetLastError() { return ::mpt_emulation::take_last_error(); }
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  if (attribute != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
+  *value = ::mpt_emulation::kSharedMemoryOptIn;
+  return cudaSuccess;
+}
+
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel* kernel) {
+  *attributes = cudaFuncAttributes{0, ::mpt_emulation::dynamic_shared_limit(reinterpret_cast<const void*>(kernel))};
+  return cudaSuccess;
+}
+
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  return ::mpt_emulation::set_dynamic_shared_limit(reinterpret_cast<const void*>(kernel), value);
+}
 inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 inline cudaError_t cudaRuntimeGetVersion(int* version) {
   *version = 0;  // no CUDA runtime: the emulation

@@ -19,6 +19,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <map>
+#include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -103,6 +106,14 @@ struct Block {
 
 Block g_block;
 cudaError_t g_last_error = cudaSuccess;
+
+// Dynamic shared memory: the running block's buffer, and each kernel's limit once raised.
+constexpr int kDefaultDynamicShared = 48 * 1024;
+struct FreeAligned {
+  void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(16)); }
+};
+std::unique_ptr<unsigned char[], FreeAligned> g_dynamic_shared;
+std::map<const void*, int> g_dynamic_shared_limits;
 
 // ------------------------------------------------------------------ stacks
 // One mapping holds every fiber's stack, each above a page that faults when touched.
@@ -288,12 +299,14 @@ uint64_t warp_exchange(unsigned mask, uint64_t value, int source_lane) {
   return out;
 }
 
-cudaError_t run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
+cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* kernel,
+                     const std::function<void()>& body) {
   const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (threads == 0 || threads > kMaxThreads || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
     return cudaErrorInvalidConfiguration;
   }
+  if (shared_bytes > static_cast<size_t>(dynamic_shared_limit(kernel))) return cudaErrorInvalidValue;
   if (g_block.current >= 0) throw std::logic_error("CUDA emulation: a launch from inside a kernel");
   const char* schedule = std::getenv("MPT_KERNELS_EMULATION_SCHEDULE");
   const bool reverse = schedule != nullptr && std::strcmp(schedule, "reverse") == 0;
@@ -308,8 +321,31 @@ cudaError_t run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
     const uint64_t b = reverse ? num_blocks - 1 - i : i;
     const uint3 index{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
                       static_cast<unsigned>(b / grid.x / grid.y)};
+    // a fresh buffer of the exact size per block, so that AddressSanitizer sees its end
+    g_dynamic_shared.reset();
+    if (shared_bytes > 0) {
+      g_dynamic_shared.reset(new (std::align_val_t(16)) unsigned char[shared_bytes]);
+      std::memset(g_dynamic_shared.get(), 0xff, shared_bytes);
+    }
     run_block(index, block, grid, reverse);
   }
+  g_dynamic_shared.reset();
+  return cudaSuccess;
+}
+
+void* dynamic_shared() {
+  if (g_block.current < 0) throw std::logic_error("CUDA emulation: dynamic shared memory read outside a kernel");
+  return g_dynamic_shared.get();
+}
+
+int dynamic_shared_limit(const void* kernel) {
+  const auto found = g_dynamic_shared_limits.find(kernel);
+  return found == g_dynamic_shared_limits.end() ? kDefaultDynamicShared : found->second;
+}
+
+cudaError_t set_dynamic_shared_limit(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > kSharedMemoryOptIn) return cudaErrorInvalidValue;
+  g_dynamic_shared_limits[kernel] = bytes;
   return cudaSuccess;
 }
 

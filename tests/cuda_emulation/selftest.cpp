@@ -53,10 +53,27 @@ __global__ void read_neighbour(int token, int* out) {
   out[threadIdx.x] = published[(threadIdx.x + 1) % blockDim.x];
 }
 
+// Each thread writes its index + 1 to its word of dynamic shared memory and reads its
+// neighbour's; thread 0 also reads the last of `num_words` words, which no thread wrote.
+// Two copies (kCopy), so that one can be launched before any opt-in and one after.
+template <int kCopy>
+__global__ void dynamic_shared_words(int num_words, int* out) {
+  MPT_DYNAMIC_SHARED(int, words);
+  words[threadIdx.x] = static_cast<int>(threadIdx.x) + 1;
+  __syncthreads();
+  out[threadIdx.x] = words[(threadIdx.x + 1) % blockDim.x];
+  if (threadIdx.x == 0) out[blockDim.x] = words[num_words - 1];
+}
+
+template <typename... Params, typename... Args>
+void launch_shared(void (*kernel)(Params...), unsigned grid, unsigned block, size_t shared_bytes, Args... args) {
+  MPT_LAUNCH_SHARED(kernel, grid, block, shared_bytes, nullptr)(args...);
+  mpt::check_cuda(cudaGetLastError(), "the self-test kernel");
+}
+
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), unsigned grid, unsigned block, Args... args) {
-  MPT_LAUNCH(kernel, grid, block, nullptr)(args...);
-  mpt::check_cuda(cudaGetLastError(), "the self-test kernel");
+  launch_shared(kernel, grid, block, 0, args...);
 }
 
 int* ints(uintptr_t address) { return reinterpret_cast<int*>(address); }
@@ -74,6 +91,15 @@ PYBIND11_MODULE(_emulation_selftest, m) {
     launch(synced ? read_neighbour<true> : read_neighbour<false>, 1, block, token, ints(out));
   });
   m.def("throwing_kernel", [](uintptr_t out) { launch(throwing_kernel, 1, 32, ints(out)); });
+  // opt_in: csrc's dynamic_shared_limit first (returns what it granted), on the second
+  // copy of the kernel; else the first copy, never opted in (returns -1)
+  m.def("dynamic_shared_words", [](bool opt_in, size_t shared_bytes, unsigned block, uintptr_t out) {
+    static std::atomic<int> granted[1];
+    const int limit = opt_in ? mpt::dynamic_shared_limit(dynamic_shared_words<1>, 0, granted) : -1;
+    launch_shared(opt_in ? dynamic_shared_words<1> : dynamic_shared_words<0>, 1, block, shared_bytes,
+                  static_cast<int>(shared_bytes / sizeof(int)), ints(out));
+    return limit;
+  });
   m.def("launch", [](unsigned grid, unsigned block, uintptr_t out) {
     launch(early_exit_then_barrier, grid, block, ints(out));
   });
