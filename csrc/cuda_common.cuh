@@ -64,8 +64,9 @@ inline cudaStream_t enter_device(const Launch& launch) {
 template <typename Kernel, int kDevices>
 int dynamic_shared_limit(Kernel* kernel, int device, std::atomic<int> (&granted)[kDevices]) {
   const bool cached = device >= 0 && device < kDevices;
-  if (cached && granted[device].load(std::memory_order_relaxed) > 0) {
-    return granted[device].load(std::memory_order_relaxed) - 1;
+  if (cached) {
+    const int known = granted[device].load(std::memory_order_relaxed);
+    if (known > 0) return known - 1;
   }
   int opt_in = 0;
   MPT_CUDA_CHECK(cudaDeviceGetAttribute(&opt_in, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));

@@ -436,7 +436,8 @@ def _statistics(
     """The statistics sweep over the classes [lo, hi) (lo a multiple of BLOCK_C) that a row
     reads (< read_limit; 0 for an ignored row), per tile row: the classes < split (old
     source read; no bias b), then the rest. The student is also returned as it stood after
-    the old classes (m_z_old, l_c_old: the old source's LSE(s/τ))."""
+    the old classes (m_z_old, l_c_old: the old source's LSE(s/τ)). Returned as one tuple,
+    the row's ``parts`` (_row_terms, _store_chunk_record)."""
     ROWS: tl.constexpr = BLOCK_C // VEC
     m_ce = tl.full([ROWS], _NEG_INF, tl.float32)
     l_ce = tl.zeros([ROWS], tl.float32)
@@ -488,9 +489,7 @@ def _statistics(
 
 @triton.jit
 def _row_terms(
-    m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-    prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new,
-    z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
+    parts, z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
     num_classes, num_old, new_class_bias, label_smoothing, inv_tau, kt, kl_scale, alpha, beta,
     ce_weight, old_weight, new_weight,
     HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr, IS_KL: tl.constexpr,
@@ -501,6 +500,8 @@ def _row_terms(
     range), from the row's statistics given as vectors of parts: a program's tile rows
     (_statistics) or the chunks of the row (_load_chunk_records); an online log-sum-exp
     part is its max and its sum relative to that max (see _online_lse)."""
+    (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+     prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = parts
     row_scale = tl.where(in_range, row_scale, float("nan"))
     z_at_y = tl.load(z_row + y, mask=target_ok, other=0.0).to(tl.float32)
     student_max_old = tl.max(m_z_old, 0)
@@ -592,11 +593,10 @@ def _store_teacher_part(record, FIELD: tl.constexpr, m_a, l_a, kl_sum, sq_sum, p
 
 
 @triton.jit
-def _store_chunk_record(
-    record, m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-    prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new, kt,
-):
-    """A chunk's statistics as one record (fields: see RECORD)."""
+def _store_chunk_record(record, parts, kt):
+    """A chunk's statistics (_statistics's parts) as one record (fields: see RECORD)."""
+    (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
+     prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = parts
     _store_lse_part(record, _CE_FIELD, m_ce, l_ce, _LOG2E)
     tl.store(record + _SUM_BIASED_FIELD, tl.sum(sum_biased, 0))
     _store_lse_part(record, _STUDENT_OLD_FIELD, m_z_old, l_c_old, kt)
@@ -704,16 +704,12 @@ def _mpt_loss_kernel(
         if stats_row < num_rows:
             counted, in_range, target_ok, y = _row_target(target_ptr, target_stride, stats_row, ignore_index,
                                                           num_classes)
-            (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-             prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _statistics(
+            parts = _statistics(
                 z_ptr + stats_row * z_row_stride, old_ptr + stats_row * old_row_stride,
                 new_ptr + stats_row * new_row_stride, bias_ptr, bias_stride, lo, hi,
                 tl.where(counted, split, 0), tl.where(counted, num_read, 0), y, new_offset, kt,
                 HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
-            _store_chunk_record(
-                records_ptr + (stats_row * num_chunks + chunk) * RECORD,
-                m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-                prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new, kt)
+            _store_chunk_record(records_ptr + (stats_row * num_chunks + chunk) * RECORD, parts, kt)
             _publish(sync_ptr + 1 + stats_row)
         # ---- then the same chunk of the row `lag` rows earlier, once its records are all in
         row = stats_row - lag
@@ -723,20 +719,15 @@ def _mpt_loss_kernel(
         new_row = new_ptr + row * new_row_stride
         counted, in_range, target_ok, y = _row_target(target_ptr, target_stride, row, ignore_index, num_classes)
         if CHUNKS == 0:
-            (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-             prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _statistics(
+            parts = _statistics(
                 z_row, old_row, new_row, bias_ptr, bias_stride, 0, num_classes,
                 tl.where(counted, split, 0), tl.where(counted, num_read, 0), y, new_offset, kt,
                 HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
         else:
             _wait_for(sync_ptr + 1 + row, num_chunks)
-            (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-             prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _load_chunk_records(
-                records_ptr + row * num_chunks * RECORD, num_chunks, CHUNKS)
+            parts = _load_chunk_records(records_ptr + row * num_chunks * RECORD, num_chunks, CHUNKS)
         (row_loss, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new) = _row_terms(
-            m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-            prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new,
-            z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
+            parts, z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
             num_classes, num_old, new_class_bias, label_smoothing, inv_tau, kt, kl_scale, alpha, beta,
             ce_weight, old_weight, new_weight,
             HAS_CE, HAS_OLD, HAS_NEW, IS_KL, FOCUS_REF, FOCUS_STUDENT, BIAS)
