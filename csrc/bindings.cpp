@@ -124,6 +124,21 @@ PYBIND11_MODULE(_C, m) {
       "(-1: the device's limit; 0: none, a long row is read twice).");
 
   m.def(
+      "softmax_forward_plan",
+      [](const SoftmaxInputs& inputs, bool with_grad, int64_t shared_row_bytes, int device) {
+        const SoftmaxRowPlan plan = softmax_forward_plan(inputs, with_grad, shared_row_bytes, Launch{device, 0});
+        py::dict out;
+        out["threads"] = plan.threads;
+        out["chunks"] = plan.chunks;
+        out["staged_chunks"] = plan.staged_chunks;
+        out["shared_bytes"] = plan.shared_bytes;
+        return out;
+      },
+      py::kw_only(), py::arg("inputs"), py::arg("with_grad"), py::arg("shared_row_bytes") = -1, py::arg("device"),
+      "How softmax_forward runs each row: threads per block, chunks, the chunks kept in shared memory between the "
+      "sweeps, and the dynamic shared memory per block.");
+
+  m.def(
       "softmax_backward",
       [](const SoftmaxInputs& inputs, uintptr_t stats, uintptr_t upstream, int64_t upstream_stride, uintptr_t grad,
          int device, uintptr_t stream) {

@@ -104,6 +104,15 @@ constexpr int kSlotsPerThread = 2;
 // upstream gradient on the device and recomputes the gradient, times it, only where it
 // is not 1 (recompute_row / recompute_element in loss_math.cuh).
 void softmax_forward(const SoftmaxForwardArgs& args, const Launch& launch);
+// How softmax_forward runs the rows of `inputs` (one block per row).
+struct SoftmaxRowPlan {
+  int threads;           // per block
+  int chunks;            // of kSlotsPerThread slots per thread; 1: the row stays in registers
+  int staged_chunks;     // the first chunks, kept in shared memory between the two sweeps
+  int64_t shared_bytes;  // dynamic shared memory per block
+};
+SoftmaxRowPlan softmax_forward_plan(const SoftmaxInputs& inputs, bool with_grad, int64_t shared_row_bytes,
+                                    const Launch& launch);
 void softmax_backward(const SoftmaxBackwardArgs& args, const Launch& launch);
 void multilabel_forward(const MultilabelForwardArgs& args, const Launch& launch);
 void multilabel_backward(const MultilabelBackwardArgs& args, const Launch& launch);

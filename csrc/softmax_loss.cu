@@ -387,24 +387,28 @@ int row_threads(const RowLayout& layout) {
   return p < 32 ? 32 : p;
 }
 
-// The chunks of a streamed row that the forward with gradient keeps in shared memory
-// (StagedChunks): as many as `limit_bytes` holds, all of them at most.
-struct Staging {
-  int chunks;
-  size_t bytes;
-};
-
-Staging plan_staging(const SoftmaxRowParams& p, const RowLayout& layout, int threads, int64_t limit_bytes) {
-  const int chunks = chunk_count(layout, threads, kSlotsPerThread);
-  const int64_t chunk_bytes =
-      static_cast<int64_t>(kSlotsPerThread) * threads * (1 + p.has_old + p.has_new) * sizeof(RawSlot);
-  const int64_t staged = chunks > 1 && limit_bytes > 0 ? std::min<int64_t>(chunks, limit_bytes / chunk_bytes) : 0;
-  return {static_cast<int>(staged), static_cast<size_t>(staged * chunk_bytes)};
+// How the rows of a launch run (SoftmaxRowPlan); `stage`: the forward with gradient,
+// which keeps what it can of a streamed row in shared memory, at most `shared_row_bytes`
+// (-1: the device's limit) and all of the row's chunks at most.
+template <typename D>
+SoftmaxRowPlan plan_rows(const SoftmaxInputs& in, bool stage, int64_t shared_row_bytes, int device) {
+  const RowLayout layout(in.row.num_classes, in.row.num_old_classes, kVec<D>);
+  SoftmaxRowPlan plan{};
+  plan.threads = row_threads(layout);
+  plan.chunks = chunk_count(layout, plan.threads, kSlotsPerThread);
+  if (stage && shared_row_bytes != 0 && plan.chunks > 1) {
+    static std::atomic<int> granted[16];  // per device: see dynamic_shared_limit
+    int64_t limit = dynamic_shared_limit(softmax_loss_kernel<D, kSlotsPerThread>, device, granted);
+    if (shared_row_bytes > 0) limit = std::min(limit, shared_row_bytes);
+    const int64_t chunk_bytes = static_cast<int64_t>(kSlotsPerThread) * plan.threads *
+                                (1 + in.row.has_old + in.row.has_new) * sizeof(RawSlot);
+    plan.staged_chunks = static_cast<int>(std::min<int64_t>(plan.chunks, limit / chunk_bytes));
+    plan.shared_bytes = plan.staged_chunks * chunk_bytes;
+  }
+  return plan;
 }
 
-// One block per row; the backward runs in the forward's shape. The forward with
-// gradient keeps what it can of a streamed row in shared memory: at most
-// `shared_row_bytes` (-1: the device's limit).
+// One block per row; the backward runs in the forward's shape.
 template <typename D, bool kBackward>
 void launch_rows(SoftmaxKernelArgs a, const SoftmaxInputs& in, uintptr_t grad, int64_t shared_row_bytes, int device,
                  cudaStream_t stream) {
@@ -415,19 +419,11 @@ void launch_rows(SoftmaxKernelArgs a, const SoftmaxInputs& in, uintptr_t grad, i
   a.vec_new = in.row.has_new && slots_aligned<S, VEC>(in.new_logits, in.new_row_stride);
   a.vec_bias = in.class_bias != 0 && slots_aligned<float, VEC>(in.class_bias, 0);
   a.vec_grad = grad != 0 && slots_aligned<S, VEC>(grad, in.row.num_classes);
-  const RowLayout layout(in.row.num_classes, in.row.num_old_classes, VEC);
+  const SoftmaxRowPlan plan = plan_rows<D>(in, !kBackward && grad != 0, shared_row_bytes, device);
+  a.staged_chunks = plan.staged_chunks;
   const dim3 grid(static_cast<unsigned>(in.num_rows));
-  const int threads = row_threads(layout);
   auto kernel = kBackward ? softmax_backward_kernel<D, kSlotsPerThread> : softmax_loss_kernel<D, kSlotsPerThread>;
-  Staging staging{0, 0};
-  if (!kBackward && grad != 0 && shared_row_bytes != 0 && chunk_count(layout, threads, kSlotsPerThread) > 1) {
-    static std::atomic<int> granted[16];  // per device: see dynamic_shared_limit
-    int64_t limit = dynamic_shared_limit(kernel, device, granted);
-    if (shared_row_bytes > 0) limit = std::min(limit, shared_row_bytes);
-    staging = plan_staging(in.row, layout, threads, limit);
-  }
-  a.staged_chunks = staging.chunks;
-  MPT_LAUNCH_SHARED(kernel, grid, threads, staging.bytes, stream)(a);
+  MPT_LAUNCH_SHARED(kernel, grid, plan.threads, static_cast<size_t>(plan.shared_bytes), stream)(a);
   check_cuda(cudaGetLastError(), kBackward ? "launch of softmax_backward_kernel" : "launch of softmax_loss_kernel");
 }
 
@@ -513,6 +509,18 @@ void softmax_backward(const SoftmaxBackwardArgs& b, const Launch& launch) {
   dispatch_logits_dtype(in.dtype, [&](auto tag) {
     launch_rows<decltype(tag), true>(a, in, b.grad, 0, launch.device, stream);
   });
+}
+
+SoftmaxRowPlan softmax_forward_plan(const SoftmaxInputs& inputs, bool with_grad, int64_t shared_row_bytes,
+                                    const Launch& launch) {
+  check_inputs(inputs, "softmax_forward_plan");
+  if (shared_row_bytes < -1) throw std::invalid_argument("softmax_forward_plan: shared_row_bytes must be >= -1");
+  enter_device(launch);
+  SoftmaxRowPlan plan{};
+  dispatch_logits_dtype(inputs.dtype, [&](auto tag) {
+    plan = plan_rows<decltype(tag)>(inputs, with_grad, shared_row_bytes, launch.device);
+  });
+  return plan;
 }
 
 }  // namespace mpt

@@ -289,8 +289,9 @@ def test_reduction_none_with_random_upstream(dtype, n, c):
 
 # Shared memory for a long row's chunks between the forward's sweeps
 # (cuda_backend.SHARED_ROW_BYTES): none (the row is read twice); 48 KiB, one chunk of
-# the logits and both teachers (2 slots x 512 threads x 16 bytes each); the device's
-# limit (4 such chunks: all of bf16 C = 20000's 3, 4 of float32 C = 20000's 5).
+# the logits and both teachers (2 slots x 512 threads x 16 bytes each: 3 chunks of the
+# logits alone); the device's limit (sm_90 and the emulation: 4 chunks of the three,
+# all of bf16 C = 20000's 3, 4 of float32 C = 20000's 5).
 SHARED_ROW_LIMITS = {"none": 0, "one_chunk": 48 * 1024, "device": None}
 
 
@@ -311,10 +312,20 @@ def test_long_rows_from_shared_memory_or_read_twice(dtype, c, reduction, monkeyp
     ]
     one = torch.ones(y.shape if reduction == "none" else (), device=DEVICE, dtype=dtype)
     for function, args, case_options in cases:
-        results = {}
+        results, staged = {}, {}
         for name, limit in SHARED_ROW_LIMITS.items():
             monkeypatch.setattr(cuda_backend, "SHARED_ROW_BYTES", limit)
+            plan = cuda_backend.softmax_forward_plan(validated_args(function, *args, **case_options))
+            assert plan["chunks"] > 1 and plan["threads"] == 512, plan  # a streamed row
+            assert plan["shared_bytes"] <= (limit if limit is not None else 227 * 1024), plan
+            staged[name] = plan["staged_chunks"]
             results[name] = check_against_reference(function, *args, upstream=one, **case_options)
+        what = (function.__name__, staged, plan["chunks"])
+        assert staged["none"] == 0 and 1 <= staged["one_chunk"] <= staged["device"] <= plan["chunks"], what
+        if len([x for x in args if x is not None and x.dim() == 2]) == 3:  # the logits and both teachers
+            assert staged["one_chunk"] == 1, what
+            if DEVICE == "cpu" or torch.cuda.get_device_capability() == (9, 0):  # 227 KiB a block
+                assert staged["device"] == min(plan["chunks"], 4), what
         for name in ("one_chunk", "device"):
             assert torch.equal(results[name][0], results["none"][0]), (function.__name__, name)
             assert torch.equal(results[name][1], results["none"][1]), (function.__name__, name)
@@ -694,11 +705,11 @@ def test_scaled_backward_rounds_once(dtype, reduction, n, c):
         assert_single_rounding(grad, expected, f"{function.__name__} {dtype} {reduction}", exact_fraction=0.99)
 
 
-def _mpt_args(z, y, old, new, **options):
-    """The validated record mk.mpt_loss hands the backend."""
-    defaults = {name: p.default for name, p in inspect.signature(mk.mpt_loss).parameters.items()
+def validated_args(function, *args, **options):
+    """The validated record that a softmax-family function (mk.mpt_loss, say) hands the backend."""
+    defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()
                 if p.kind is p.KEYWORD_ONLY and name != "backend"}
-    return reference.mpt_loss_args(z, y, old, new, **dict(defaults, **options))
+    return getattr(reference, f"{function.__name__}_args")(*args, **dict(defaults, **options))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -720,7 +731,7 @@ def test_backward_writes_only_rows_whose_upstream_is_not_one(dtype, c):
              ("sum", torch.tensor(2.0**15 if dtype != torch.float32 else 3.9, device=DEVICE, dtype=dtype))]
     for reduction, upstream in cases:
         options = dict(new_class_bias=2.0, num_old_classes=c // 2, label_smoothing=0.1, reduction=reduction)
-        args = _mpt_args(z, y, old, new, **options)
+        args = validated_args(mk.mpt_loss, z, y, old, new, **options)
         _, saved = cuda_backend._softmax_forward(args, True)
         saved[0].fill_(float("nan"))
         cuda_backend._softmax_backward(upstream, saved, args)

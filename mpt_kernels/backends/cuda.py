@@ -155,13 +155,26 @@ def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
         loss=_address(loss),
         grad=_address(saved[0] if saved else None),
         stats=_address(saved[1] if saved else None),
-        shared_row_bytes=-1 if SHARED_ROW_BYTES is None else SHARED_ROW_BYTES,
+        shared_row_bytes=_shared_row_bytes(),
         **_launch(device),
     )
     del keep_alive  # after the launch: on the same stream, the allocator reuses them only after the kernels
     if args.reduction == "none":
         loss = row_loss.to(dtype)
     return loss, saved
+
+
+def _shared_row_bytes() -> int:
+    return -1 if SHARED_ROW_BYTES is None else SHARED_ROW_BYTES
+
+
+def softmax_forward_plan(args: SoftmaxLossArgs, needs_grad: bool = True) -> dict:
+    """How the forward runs each row of ``args`` (threads per block, chunks, the chunks
+    kept in shared memory between its sweeps, dynamic shared memory per block), as it
+    would launch now: for tests and profiles."""
+    inputs, _ = softmax_inputs(args)
+    return _C.softmax_forward_plan(inputs=inputs, with_grad=needs_grad, shared_row_bytes=_shared_row_bytes(),
+                                   device=_launch(args.logits.device)["device"])
 
 
 def _softmax_saved(args: SoftmaxLossArgs, needs_grad: bool) -> list:
