@@ -331,6 +331,14 @@ def test_long_rows_from_shared_memory_or_read_twice(dtype, c, reduction, monkeyp
             assert torch.equal(results[name][1], results["none"][1]), (function.__name__, name)
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "65536"])
+def test_shared_row_bytes_must_be_none_or_a_count(bad, monkeypatch):
+    z, old, new, y = softmax_inputs(4, 100, 50, torch.float32, 71)
+    monkeypatch.setattr(cuda_backend, "SHARED_ROW_BYTES", bad)
+    with pytest.raises(ValueError, match="SHARED_ROW_BYTES must be None or an int >= 0"):
+        loss_and_grad(mk.mpt_loss, z, y, old, new, backend=BACKEND)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_upstream_strides_and_exact_one(reduction):
     z, old, new, y = softmax_inputs(64, 999, 500, torch.float32, 5)

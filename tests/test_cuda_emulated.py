@@ -58,6 +58,7 @@ from test_cuda_backend import (  # noqa: F401  (collected here as well)
     test_reduction_none_with_random_upstream,
     test_scaled_backward_rounds_once,
     test_second_backward_is_an_error,
+    test_shared_row_bytes_must_be_none_or_a_count,
     test_splc_correction_starts_at_change_epoch_and_is_strict,
     test_splc_parameters,
     test_upstream_strides_and_exact_one,

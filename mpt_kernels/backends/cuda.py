@@ -165,7 +165,13 @@ def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
 
 
 def _shared_row_bytes() -> int:
-    return -1 if SHARED_ROW_BYTES is None else SHARED_ROW_BYTES
+    """SHARED_ROW_BYTES as the kernels take it (-1: the device's limit)."""
+    if SHARED_ROW_BYTES is None:
+        return -1
+    if isinstance(SHARED_ROW_BYTES, bool) or not isinstance(SHARED_ROW_BYTES, int) or SHARED_ROW_BYTES < 0:
+        raise ValueError(f"mpt_kernels.backends.cuda.SHARED_ROW_BYTES must be None or an int >= 0, "
+                         f"got {SHARED_ROW_BYTES!r}")
+    return SHARED_ROW_BYTES
 
 
 def softmax_forward_plan(args: SoftmaxLossArgs, needs_grad: bool = True) -> dict:
