@@ -221,6 +221,7 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, in
   if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   return ::mpt_emulation::set_dynamic_shared_limit(reinterpret_cast<const void*>(kernel), value);
 }
+
 inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 inline cudaError_t cudaRuntimeGetVersion(int* version) {
   *version = 0;  // no CUDA runtime: the emulation
