@@ -47,6 +47,10 @@ def test_smoke_run_writes_its_files_and_says_they_are_not_gpu_figures(smoke_run)
     assert doc["device"]["type"] == "cpu"
     assert doc["versions"]["torch"] == torch.__version__
     assert "commit" in doc["git"] and len(doc["source_digest"]) == 64
+    # the knobs that change speed, not results, as the run had them
+    assert doc["launch_settings"]["cuda.SHARED_ROW_BYTES"] is None
+    assert doc["launch_settings"]["triton_softmax.MAX_REGISTERS"] == 64
+    assert "- launch settings: triton_softmax.MAX_REGISTERS = 64, " in markdown
     assert _finite_positive(doc["copy_bandwidth"]["bytes_per_s"])
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     # the speed-up plot needs a kernel provider: on a GPU machine this CPU run has only the reference
@@ -145,6 +149,11 @@ def test_runs_split_over_calls_merge_into_one_report(smoke_run, tmp_path):
     other = dict(json.loads(parts[1].read_text()), source_digest="f" * 64)
     parts[1].write_text(json.dumps(other))
     with pytest.raises(ValueError, match="source digest"):
+        main(["bench", "--from-json", *map(str, parts), "--no-plots", "--out", str(out)])
+    # nor do runs with other launch settings
+    other = dict(json.loads(parts[0].read_text()), launch_settings={"cuda.SHARED_ROW_BYTES": 0})
+    parts[1].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="launch settings"):
         main(["bench", "--from-json", *map(str, parts), "--no-plots", "--out", str(out)])
 
 

@@ -130,6 +130,21 @@ def now_utc() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+def launch_settings() -> dict:
+    """The backends' launch knobs as this run has them: module attributes that tests and
+    profiles change and that measurements decide (a sweep runs with the defaults of the
+    commit it measures)."""
+    from ..backends import cuda, triton_multilabel, triton_softmax
+
+    return {
+        "triton_softmax.MAX_REGISTERS": triton_softmax.MAX_REGISTERS,
+        "triton_softmax.chunk_classes": triton_softmax.chunk_classes,
+        "triton_multilabel.TILE_ELEMENTS": triton_multilabel.TILE_ELEMENTS,
+        "triton_multilabel.TILE_WARPS": triton_multilabel.TILE_WARPS,
+        "cuda.SHARED_ROW_BYTES": cuda.SHARED_ROW_BYTES,
+    }
+
+
 def relevant_environment() -> dict:
     names = ("TRITON_INTERPRET", "MPT_KERNELS_SYNC_CHECKS", "CUDA_VISIBLE_DEVICES",
              "TORCHINDUCTOR_FX_GRAPH_CACHE", "PYTORCH_CUDA_ALLOC_CONF")

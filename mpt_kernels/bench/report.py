@@ -106,7 +106,8 @@ def merge(docs: list) -> dict:
     for doc in docs[1:]:
         for what, get in (("device", lambda d: d["device"].get("name")), ("commit", lambda d: d["git"].get("commit")),
                           ("source digest", lambda d: d["source_digest"]),
-                          ("torch.compile settings", lambda d: d["settings"]["compile"])):
+                          ("torch.compile settings", lambda d: d["settings"]["compile"]),
+                          ("launch settings", lambda d: d.get("launch_settings"))):
             if get(doc) != get(first):
                 raise ValueError(f"cannot merge runs of different {what}: {get(first)!r} and {get(doc)!r}")
     merged = dict(first)
@@ -267,6 +268,8 @@ def to_markdown(doc: dict) -> str:
            "(the CPU's Python and launch path decide it, not the kernels)"
            if any(c.get("host_ms") is not None for c in doc["cells"]) else ""),
         f"- torch.compile: {'dynamic' if doc['settings']['compile']['dynamic'] else 'static'} shapes, default mode",
+        *(["- launch settings: " + ", ".join(f"{k} = {v}" for k, v in doc["launch_settings"].items())]
+          if doc.get("launch_settings") else []),
         f"- wall time {doc.get('elapsed_s') or 0:.0f} s (estimated {doc.get('estimate_s') or 0:.0f} s before the run)",
     ]
     if doc.get("rederived"):

@@ -376,6 +376,7 @@ class Sweep:
             "git": environment.git_state(),
             "source_digest": environment.source_digest(),
             "environment": environment.relevant_environment(),
+            "launch_settings": environment.launch_settings(),
             "timer": self.clock.description,
             "copy_bandwidth": copy,
             "settings": {
