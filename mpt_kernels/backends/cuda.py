@@ -169,7 +169,7 @@ def _shared_row_bytes() -> int:
     if SHARED_ROW_BYTES is None:
         return -1
     if isinstance(SHARED_ROW_BYTES, bool) or not isinstance(SHARED_ROW_BYTES, int) or SHARED_ROW_BYTES < 0:
-        raise ValueError(f"mpt_kernels.backends.cuda.SHARED_ROW_BYTES must be None or an int >= 0, "
+        raise ValueError("mpt_kernels.backends.cuda.SHARED_ROW_BYTES must be None or an int >= 0, "
                          f"got {SHARED_ROW_BYTES!r}")
     return SHARED_ROW_BYTES
 
