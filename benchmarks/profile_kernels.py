@@ -71,10 +71,33 @@ def kernel_table(fn):
     return per_kernel
 
 
+def cuda_row_plans(call, z) -> list:
+    """The plans (threads, chunks, chunks kept in shared memory, bytes) of the CUDA
+    softmax forwards that one forward+backward of ``call`` launches (none for the
+    multi-label losses), recorded around ``_C.softmax_forward``."""
+    from mpt_kernels.backends import cuda as cuda_backend
+
+    plans, launch = [], cuda_backend._C.softmax_forward
+
+    def recording(**kwargs):
+        plans.append(cuda_backend._C.softmax_forward_plan(
+            inputs=kwargs["inputs"], with_grad=kwargs["grad"] != 0, shared_row_bytes=kwargs["shared_row_bytes"],
+            device=kwargs["device"]))
+        return launch(**kwargs)
+
+    cuda_backend._C.softmax_forward = recording
+    try:
+        fwd_bwd(call, z)
+    finally:
+        cuda_backend._C.softmax_forward = launch
+    return plans
+
+
 def profile_cell(clock: CudaClock, copy_gbs: float, loss: str, backend: str, c: int, dtype: torch.dtype) -> str:
-    """One cell's report: event times of fwd+bwd and fwd, host time, device time per kernel."""
+    """One cell's report: event times of fwd+bwd and fwd, host time, device time per kernel
+    (and the CUDA softmax forward's row plan)."""
     z, call, nbytes = make_call(loss, backend, N, c, dtype)
-    fwd_bwd(call, z)
+    plans = cuda_row_plans(call, z) if backend == "cuda" else []
     total = event_time_ms(clock, lambda: fwd_bwd(call, z))
     with torch.no_grad():
         fwd = event_time_ms(clock, lambda: call(z))
@@ -83,6 +106,8 @@ def profile_cell(clock: CudaClock, copy_gbs: float, loss: str, backend: str, c: 
     lines = [f"\n{loss} C={c} {backend}: fwd+bwd {total:.3f} ms ({nbytes / total / 1e6 / copy_gbs:.0%} of copy), "
              f"fwd {fwd:.3f} ms, host {host:.3f} ms/call"]
     lines += [f"    {ms:8.3f} ms  {name}" for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])]
+    lines += [f"    rows: {p['threads']} threads, {p['chunks']} chunk(s), {p['staged_chunks']} in shared memory "
+              f"({p['shared_bytes']} bytes)" for p in plans]
     return "\n".join(lines)
 
 
