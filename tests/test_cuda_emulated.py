@@ -127,3 +127,19 @@ def test_thread_order_does_not_change_the_bits(dtype, c, reduction, monkeypatch)
     for a, b in zip(forward, reverse):
         assert torch.isfinite(a).all()
         assert torch.equal(a, b)
+
+
+def test_the_profile_reports_the_row_plan(monkeypatch):
+    """benchmarks/profile_kernels.py records the plan of each CUDA softmax forward it
+    profiles (what the next GPU run reads its timings against), and puts _C back."""
+    monkeypatch.syspath_prepend(str(build.CSRC.parent / "benchmarks"))
+    import profile_kernels
+
+    launch = cuda_backend._C.softmax_forward
+    z, old, new, y = suite.softmax_inputs(4, 20000, 10000, torch.float32, 72)
+    plans = profile_kernels.cuda_row_plans(lambda x: mk.mpt_loss(x, y, old, new, backend="cuda"), z)
+    # float32, both teachers: 5 chunks of 48 KiB, 4 of them in the emulated sm_90's shared memory
+    assert plans == [{"threads": 512, "chunks": 5, "staged_chunks": 4, "shared_bytes": 4 * 48 * 1024}]
+    assert cuda_backend._C.softmax_forward is launch
+    x, t = suite.multilabel_inputs(4, 100, torch.float32, torch.bool, 73)
+    assert profile_kernels.cuda_row_plans(lambda v: mk.hill_loss(v, t, backend="cuda"), x) == []
