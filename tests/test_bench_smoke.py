@@ -157,6 +157,17 @@ def test_runs_split_over_calls_merge_into_one_report(smoke_run, tmp_path):
         main(["bench", "--from-json", *map(str, parts), "--no-plots", "--out", str(out)])
 
 
+def test_launch_settings_skip_a_backend_that_cannot_import(monkeypatch):
+    # off Linux triton is not installed: the CPU smoke run must still write its JSON
+    import sys
+
+    from mpt_kernels.bench import environment
+
+    for name in ("triton_softmax", "triton_multilabel"):
+        monkeypatch.setitem(sys.modules, f"mpt_kernels.backends.{name}", None)  # import raises ImportError
+    assert environment.launch_settings() == {"cuda.SHARED_ROW_BYTES": None}
+
+
 def test_a_provider_that_raises_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     def build(name, case, **kwargs):
         if name == "triton":

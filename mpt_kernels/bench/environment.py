@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib
 import importlib.metadata
 import os
 import platform
@@ -130,19 +131,26 @@ def now_utc() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def launch_settings() -> dict:
-    """The backends' launch knobs as this run has them: module attributes that tests and
-    profiles change and that measurements decide (a sweep runs with the defaults of the
-    commit it measures)."""
-    from ..backends import cuda, triton_multilabel, triton_softmax
+# The backends' launch knobs: module attributes that tests and profiles change and that
+# measurements decide (a sweep runs with the defaults of the commit it measures).
+LAUNCH_KNOBS = {
+    "triton_softmax": ("MAX_REGISTERS", "chunk_classes"),
+    "triton_multilabel": ("TILE_ELEMENTS", "TILE_WARPS"),
+    "cuda": ("SHARED_ROW_BYTES",),
+}
 
-    return {
-        "triton_softmax.MAX_REGISTERS": triton_softmax.MAX_REGISTERS,
-        "triton_softmax.chunk_classes": triton_softmax.chunk_classes,
-        "triton_multilabel.TILE_ELEMENTS": triton_multilabel.TILE_ELEMENTS,
-        "triton_multilabel.TILE_WARPS": triton_multilabel.TILE_WARPS,
-        "cuda.SHARED_ROW_BYTES": cuda.SHARED_ROW_BYTES,
-    }
+
+def launch_settings() -> dict:
+    """LAUNCH_KNOBS as this run has them, of the backends installed here (the Triton
+    ones need triton, which is not installed off Linux)."""
+    settings = {}
+    for module_name, names in LAUNCH_KNOBS.items():
+        try:
+            module = importlib.import_module(f"mpt_kernels.backends.{module_name}")
+        except ImportError:
+            continue
+        settings.update({f"{module_name}.{name}": getattr(module, name) for name in names})
+    return settings
 
 
 def relevant_environment() -> dict:
