@@ -168,6 +168,10 @@ __device__ __forceinline__ bool stream_aligned(const SoftmaxKernelArgs& a, int s
   return stream == kStreamLogits ? a.vec_logits : (stream == kStreamOld ? a.vec_old : a.vec_new);
 }
 
+// The streams of a row that the kernels read: the logits, then the old and the new
+// teacher where present.
+__host__ __device__ __forceinline__ int streams_read(const SoftmaxRowParams& p) { return 1 + p.has_old + p.has_new; }
+
 // Shared memory that holds a streamed row's first `chunks` chunks between the forward's
 // sweeps, so that they are read from memory once. One raw slot per (chunk, slot of the
 // chunk, stream present, thread), the threads innermost: a warp's 16-byte accesses are
@@ -176,10 +180,10 @@ template <int NV>
 struct StagedChunks {
   RawSlot* base;
   int chunks;   // 0: none (the backward, and rows in registers)
-  int streams;  // the logits, then the old and the new teacher where present
+  int streams;  // streams_read
 
   __device__ StagedChunks(RawSlot* base_, int chunks_, const SoftmaxRowParams& p)
-      : base(base_), chunks(chunks_), streams(1 + p.has_old + p.has_new) {}
+      : base(base_), chunks(chunks_), streams(streams_read(p)) {}
 
   __device__ __forceinline__ RawSlot& at(int chunk, int k, int stream) const {
     const int position = stream == kStreamNew ? streams - 1 : stream;  // the new teacher is last
@@ -400,8 +404,8 @@ SoftmaxRowPlan plan_rows(const SoftmaxInputs& in, bool stage, int64_t shared_row
     static std::atomic<int> granted[16];  // per device: see dynamic_shared_limit
     int64_t limit = dynamic_shared_limit(softmax_loss_kernel<D, kSlotsPerThread>, device, granted);
     if (shared_row_bytes > 0) limit = std::min(limit, shared_row_bytes);
-    const int64_t chunk_bytes = static_cast<int64_t>(kSlotsPerThread) * plan.threads *
-                                (1 + in.row.has_old + in.row.has_new) * sizeof(RawSlot);
+    const int64_t chunk_bytes =
+        static_cast<int64_t>(kSlotsPerThread) * plan.threads * streams_read(in.row) * sizeof(RawSlot);
     plan.staged_chunks = static_cast<int>(std::min<int64_t>(plan.chunks, limit / chunk_bytes));
     plan.shared_bytes = plan.staged_chunks * chunk_bytes;
   }
@@ -425,6 +429,12 @@ void launch_rows(SoftmaxKernelArgs a, const SoftmaxInputs& in, uintptr_t grad, i
   auto kernel = kBackward ? softmax_backward_kernel<D, kSlotsPerThread> : softmax_loss_kernel<D, kSlotsPerThread>;
   MPT_LAUNCH_SHARED(kernel, grid, plan.threads, static_cast<size_t>(plan.shared_bytes), stream)(a);
   check_cuda(cudaGetLastError(), kBackward ? "launch of softmax_backward_kernel" : "launch of softmax_loss_kernel");
+}
+
+void check_shared_row_bytes(int64_t bytes, const char* entry) {
+  if (bytes < -1) {
+    throw std::invalid_argument(std::string(entry) + ": shared_row_bytes must be -1 (the device's limit) or >= 0");
+  }
 }
 
 void check_inputs(const SoftmaxInputs& in, const char* entry) {
@@ -471,7 +481,7 @@ void softmax_forward(const SoftmaxForwardArgs& f, const Launch& launch) {
   if (in.num_rows > 0 && f.grad != 0 && f.stats == 0) fail("stats is required with grad");
   if (f.reduction == kReduceMean && f.counted_rows == 0) fail("counted_rows is required for the mean");
   if (f.reduction != kReduceNone && f.loss == 0) fail("loss is required for a scalar reduction");
-  if (f.shared_row_bytes < -1) fail("shared_row_bytes must be -1 (the device's limit) or >= 0");
+  check_shared_row_bytes(f.shared_row_bytes, "softmax_forward");
 
   SoftmaxKernelArgs a = kernel_args(in, f.stats, f.grad);
   a.row_loss = reinterpret_cast<float*>(f.row_loss);
@@ -480,8 +490,8 @@ void softmax_forward(const SoftmaxForwardArgs& f, const Launch& launch) {
   cudaStream_t stream = enter_device(launch);
   if (f.reduction == kReduceMean) {
     MPT_LAUNCH(count_rows_kernel, 1, 1024, stream)(a.target, a.target_stride, a.target_is_int64, in.num_rows,
-                                              a.has_ignore_index, a.ignore_index,
-                                              reinterpret_cast<int64_t*>(f.counted_rows));
+                                                   a.has_ignore_index, a.ignore_index,
+                                                   reinterpret_cast<int64_t*>(f.counted_rows));
     MPT_CHECK_LAUNCH("count_rows_kernel");
   }
   if (in.num_rows > 0) {
@@ -514,7 +524,7 @@ void softmax_backward(const SoftmaxBackwardArgs& b, const Launch& launch) {
 SoftmaxRowPlan softmax_forward_plan(const SoftmaxInputs& inputs, bool with_grad, int64_t shared_row_bytes,
                                     const Launch& launch) {
   check_inputs(inputs, "softmax_forward_plan");
-  if (shared_row_bytes < -1) throw std::invalid_argument("softmax_forward_plan: shared_row_bytes must be >= -1");
+  check_shared_row_bytes(shared_row_bytes, "softmax_forward_plan");
   enter_device(launch);
   SoftmaxRowPlan plan{};
   dispatch_logits_dtype(inputs.dtype, [&](auto tag) {
