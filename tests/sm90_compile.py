@@ -1,5 +1,8 @@
 """Lowering Triton kernels to sm_90 machine code without a GPU (shared by the Triton tests).
 
+``run_without_interpreter(script, marker)`` runs a script in a fresh process with the
+kernels defined for the compiler rather than the interpreter.
+
 The interpreter accepts code that the compiler rejects (a global that is not a
 constexpr, a loop-carried value that changes type, inline assembly it never runs, ...).
 ``run_sm90_compile(body)`` runs ``body`` in a fresh process without TRITON_INTERPRET,
@@ -48,6 +51,16 @@ def compile_kernel(fn, types, constexprs, num_warps, aligned=(), **options):
 '''
 
 
+def run_without_interpreter(script: str, done_marker: str) -> str:
+    """Runs ``script`` in a fresh Python process without TRITON_INTERPRET (the kernels are
+    then defined for the compiler); asserts it exits 0 and prints ``done_marker``, and
+    returns its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done_marker in done.stdout, done.stdout + done.stderr[-4000:]
+    return done.stdout
+
+
 def run_sm90_compile(body: str) -> str:
     """Runs PRELUDE + body in a fresh interpreter-free process; returns its stdout."""
     import triton
@@ -55,8 +68,4 @@ def run_sm90_compile(body: str) -> str:
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(bin_dir, "ptxas")) or not os.path.exists(os.path.join(bin_dir, "cuobjdump")):
         pytest.skip("this Triton has no bundled ptxas/cuobjdump")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", PRELUDE + body], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stdout + done.stderr[-4000:]
-    return done.stdout
+    return run_without_interpreter(PRELUDE + body, "compiled")

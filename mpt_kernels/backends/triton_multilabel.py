@@ -214,7 +214,10 @@ def _elements(
         tl.store(grad_ptr + out_offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask if MASKED else None)
 
 
-@triton.jit
+# n_rows and numel follow the batch size: not specialised on, so that a last batch of
+# another size compiles nothing (full flat tiles are unmasked, so numel's divisibility
+# would buy nothing). n_cols and the strides are: they make the strided tiles' 16-byte loads.
+@triton.jit(do_not_specialize=["n_rows", "numel"])
 def _multilabel_kernel(
     logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
     n_rows, n_cols, numel,

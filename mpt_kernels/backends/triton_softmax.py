@@ -659,7 +659,10 @@ def _wait_for(flag, count):
 
 
 # --------------------------------------------------------------------------- the kernels
-@triton.jit
+# A value the batch size sets (N, the number of partial sums) is not specialised on
+# (divisible by 16, equal to 1): a last batch of another size runs the kernels already
+# compiled. Class counts and strides are, since they make the 16-byte loads.
+@triton.jit(do_not_specialize=["num_rows"])
 def _mpt_loss_kernel(
     z_ptr, z_row_stride,
     target_ptr, target_stride,
@@ -785,7 +788,7 @@ def _mpt_loss_backward_kernel(
             HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _inverse_count_kernel(target_ptr, target_stride, num_rows, ignore_index, out_ptr, BLOCK: tl.constexpr):
     """1 / max(#rows whose target is not ignore_index, 1), on the device (one program)."""
     count = tl.zeros([BLOCK], dtype=tl.int32)

@@ -22,7 +22,7 @@ from . import triton_fastmath as fm
 BLOCK = 4096  # partials per loop step (tests under the interpreter shrink it)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partials"])  # set by the batch size: one compile for all
 def _scaled_sum_kernel(partials_ptr, out_ptr, num_partials, scale, scale_ptr,
                        HAS_DEVICE_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     """out = Σ partials · scale (· *scale_ptr), summed in a fixed order (one program)."""
