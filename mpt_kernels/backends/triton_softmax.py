@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -102,6 +102,49 @@ FOCUS_PARTS = {
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _NEG_INF = tl.constexpr(float("-inf"))
+
+
+# A row's running statistics, per tile row ([ROWS] vectors): what the statistics sweep
+# carries from block to block (_stats_block), returns (_statistics), and a chunk of a row
+# publishes (_store_chunk_record).
+class OnlineLse(NamedTuple):
+    """An online log-sum-exp (_online_lse): the running max and the sum relative to it."""
+    m: tl.tensor
+    l: tl.tensor
+
+
+class SourceStats(NamedTuple):
+    """One distillation source: the teacher's online LSE of r/τ and the KL sum (KL), or
+    the sum of squared differences (LM); the teacher's max before the target (argmax)."""
+    teacher: OnlineLse
+    kl: tl.tensor
+    sq: tl.tensor
+    prefix: tl.tensor
+
+
+class RowStats(NamedTuple):
+    ce: OnlineLse  # z̃ = z + Δ, base e
+    sum_biased: tl.tensor  # Σ z̃ (label smoothing)
+    student_old: OnlineLse  # s/τ over the old source's columns
+    student: OnlineLse  # s/τ over the columns read
+    prefix_z: tl.tensor  # the student's max before the target (argmax)
+    old: SourceStats
+    new: SourceStats
+
+
+# What the gradient sweep needs of a row, per term: the CE's LSE; each source's LSE(s/τ)
+# and LSE(r/τ) (base 2); each term's coefficient: row scale, weights and focal weight,
+# for an upstream gradient of 1. The forward saves them (NUM_STATS floats); the backward
+# loads them with its upstream gradient multiplied in (_load_row_stats).
+class RowGradient(NamedTuple):
+    lse_ce: tl.tensor
+    coef_ce: tl.tensor
+    lse_c_old: tl.tensor
+    lse_a_old: tl.tensor
+    coef_old: tl.tensor
+    lse_c_new: tl.tensor
+    lse_a_new: tl.tensor
+    coef_new: tl.tensor
 
 
 @triton.jit
@@ -177,9 +220,22 @@ def _class_bias(bias_ptr, bias_stride, cols, mask, num_old, new_class_bias, BIAS
 
 
 @triton.jit
-def _teacher_stats_step(m_a, l_a, kl_sum, sq_sum, prefix, z, r, mask, start, y, kt,
-                        IS_KL: tl.constexpr, BLOCK_C: tl.constexpr):
+def _empty_lse(ROWS: tl.constexpr):
+    return OnlineLse(tl.full([ROWS], _NEG_INF, tl.float32), tl.zeros([ROWS], tl.float32))
+
+
+@triton.jit
+def _empty_source(ROWS: tl.constexpr):
+    return SourceStats(_empty_lse(ROWS), tl.zeros([ROWS], tl.float32), tl.zeros([ROWS], tl.float32),
+                       tl.full([ROWS], _NEG_INF, tl.float32))
+
+
+@triton.jit
+def _teacher_stats_step(source, z, r, mask, start, y, kt, IS_KL: tl.constexpr, BLOCK_C: tl.constexpr):
     """One block of one distillation source (teacher r, student z; both -inf outside ``mask``)."""
+    m_a, l_a = source.teacher
+    kl_sum = source.kl
+    sq_sum = source.sq
     r_max = tl.max(r, 1)
     if IS_KL:
         m_a, l_a, rescale, p = _online_lse(m_a, l_a, r, r_max, 0.0, kt)
@@ -191,21 +247,22 @@ def _teacher_stats_step(m_a, l_a, kl_sum, sq_sum, prefix, z, r, mask, start, y, 
         m_a = tl.maximum(m_a, r_max)
         diff = z - r
         sq_sum += tl.sum(tl.where(mask, diff * diff, 0.0), 1)
-    prefix = _prefix_max(prefix, m_a, start, y, BLOCK_C)
-    return m_a, l_a, kl_sum, sq_sum, prefix
+    return SourceStats(OnlineLse(m_a, l_a), kl_sum, sq_sum, _prefix_max(source.prefix, m_a, start, y, BLOCK_C))
 
 
 @triton.jit
 def _stats_block(
-    m_ce, l_ce, sum_biased, m_z, l_c, prefix_z,
-    m_a_old, l_a_old, kl_old, sq_old, prefix_old,
-    m_a_new, l_a_new, kl_new, sq_new, prefix_new,
-    z_row, old_row, new_row, bias_ptr, bias_stride, start, lo, hi, y, offset, kt,
+    stats, z_row, old_row, new_row, bias_ptr, bias_stride, start, lo, hi, y, offset, kt,
     HAS_CE: tl.constexpr, OLD_HERE: tl.constexpr, HAS_NEW: tl.constexpr, IS_KL: tl.constexpr,
     BIAS: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """The statistics of the classes [lo, hi) of the block at ``start``; the CE's bias is
-    ``offset`` there (BIAS != 1), the old source is read where OLD_HERE."""
+    """``stats`` (a RowStats) updated with the classes [lo, hi) of the block at ``start``;
+    the CE's bias is ``offset`` there (BIAS != 1), the old source is read where OLD_HERE.
+    ``student_old`` is passed through (_statistics sets it)."""
+    m_ce, l_ce = stats.ce
+    sum_biased = stats.sum_biased
+    old = stats.old
+    new = stats.new
     cols = _tile(start, VEC, ROWS)
     mask = (cols >= lo) & (cols < hi)
     z = tl.load(z_row + cols, mask=mask, other=_NEG_INF).to(tl.float32)
@@ -221,18 +278,15 @@ def _stats_block(
         sum_biased += tl.sum(tl.where(mask, z_biased, 0.0), 1)
     # The student over the block's columns serves both sources (its statistics over the
     # old columns are the old source's; the compiler drops what no term uses).
-    m_z, l_c, unused_rescale, unused_e = _online_lse(m_z, l_c, z, z_max, 0.0, kt)
-    prefix_z = _prefix_max(prefix_z, m_z, start, y, BLOCK_C)
+    m_z, l_c, unused_rescale, unused_e = _online_lse(stats.student.m, stats.student.l, z, z_max, 0.0, kt)
+    prefix_z = _prefix_max(stats.prefix_z, m_z, start, y, BLOCK_C)
     if OLD_HERE:
         r_old = tl.load(old_row + cols, mask=mask, other=_NEG_INF).to(tl.float32)
-        m_a_old, l_a_old, kl_old, sq_old, prefix_old = _teacher_stats_step(
-            m_a_old, l_a_old, kl_old, sq_old, prefix_old, z, r_old, mask, start, y, kt, IS_KL, BLOCK_C)
+        old = _teacher_stats_step(old, z, r_old, mask, start, y, kt, IS_KL, BLOCK_C)
     if HAS_NEW:
         r_new = tl.load(new_row + cols, mask=mask, other=_NEG_INF).to(tl.float32)
-        m_a_new, l_a_new, kl_new, sq_new, prefix_new = _teacher_stats_step(
-            m_a_new, l_a_new, kl_new, sq_new, prefix_new, z, r_new, mask, start, y, kt, IS_KL, BLOCK_C)
-    return (m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
-            m_a_new, l_a_new, kl_new, sq_new, prefix_new)
+        new = _teacher_stats_step(new, z, r_new, mask, start, y, kt, IS_KL, BLOCK_C)
+    return RowStats(OnlineLse(m_ce, l_ce), sum_biased, stats.student_old, OnlineLse(m_z, l_c), prefix_z, old, new)
 
 
 @triton.jit
@@ -251,18 +305,19 @@ def _focal_weight(ref_is_y, student_is_y, alpha, beta, FOCUS_REF: tl.constexpr, 
 
 
 @triton.jit
-def _distill_row(lse2_c, m_a, l_a, kl_sum, sq_sum, width, inv_tau, kt, kl_scale, IS_KL: tl.constexpr):
+def _distill_row(lse2_c, source, width, inv_tau, kt, kl_scale, IS_KL: tl.constexpr):
     """One source's d_i and what its gradient needs: (d, LSE(a) in base 2, factor of ∂d/∂s).
-    ``lse2_c`` is the student's LSE(s/τ) in base 2 over the source's columns."""
+    ``lse2_c`` is the student's LSE(s/τ) in base 2 over the source's columns; ``source``
+    its SourceStats."""
     if IS_KL:
-        lse2_a, total_a, factor = _lse_total(m_a, l_a, kt)
-        kl_total = tl.sum(kl_sum * factor, 0)
+        lse2_a, total_a, factor = _lse_total(source.teacher.m, source.teacher.l, kt)
+        kl_total = tl.sum(source.kl * factor, 0)
         # KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c); ∂/∂s_j = (S/τ)(q_j - p_j)
         d = kl_scale * (inv_tau * kl_total / total_a - (lse2_a - lse2_c) * _LN2)
         return d, lse2_a, kl_scale * inv_tau
     else:
         # (1/(2K)) Σ (s_j - r_j)²; ∂/∂s_j = (s_j - r_j)/K (the LSEs are unused)
-        return tl.sum(sq_sum, 0) / (2 * width), 0.0, 1.0 / width
+        return tl.sum(source.sq, 0) / (2 * width), 0.0, 1.0 / width
 
 
 @triton.jit
@@ -274,32 +329,29 @@ def _distill_grad(z, r, lse2_c, lse2_a, coef, kt, IS_KL: tl.constexpr):
         return coef * (z - r)
 
 
-# The per-row statistics a backward needs to redo a row's gradient sweep (float32,
-# NUM_STATS per row): the CE's LSE and coefficient, then per source LSE(s/τ), LSE(r/τ)
-# and coefficient, each LSE in base 2. A coefficient holds everything but the upstream
-# gradient.
+# A row's RowGradient as the forward saves it for a backward (float32, in field order).
 NUM_STATS = tl.constexpr(8)
 
 
 @triton.jit
-def _store_row_stats(stats_row, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new,
-                     coef_new, HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr):
+def _store_row_stats(stats_row, gradient, HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr):
     if HAS_CE:
-        tl.store(stats_row + 0, lse_ce)
-        tl.store(stats_row + 1, coef_ce)
+        tl.store(stats_row + 0, gradient.lse_ce)
+        tl.store(stats_row + 1, gradient.coef_ce)
     if HAS_OLD:
-        tl.store(stats_row + 2, lse_c_old)
-        tl.store(stats_row + 3, lse_a_old)
-        tl.store(stats_row + 4, coef_old)
+        tl.store(stats_row + 2, gradient.lse_c_old)
+        tl.store(stats_row + 3, gradient.lse_a_old)
+        tl.store(stats_row + 4, gradient.coef_old)
     if HAS_NEW:
-        tl.store(stats_row + 5, lse_c_new)
-        tl.store(stats_row + 6, lse_a_new)
-        tl.store(stats_row + 7, coef_new)
+        tl.store(stats_row + 5, gradient.lse_c_new)
+        tl.store(stats_row + 6, gradient.lse_a_new)
+        tl.store(stats_row + 7, gradient.coef_new)
 
 
 @triton.jit
-def _load_row_stats(stats_row, HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr):
-    """What _store_row_stats wrote; 0 for an absent term."""
+def _load_row_stats(stats_row, g, HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr):
+    """The RowGradient _store_row_stats wrote, its coefficients times the upstream
+    gradient ``g`` (float32); 0 for an absent term."""
     lse_ce = 0.0
     coef_ce = 0.0
     lse_c_old = 0.0
@@ -310,27 +362,28 @@ def _load_row_stats(stats_row, HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_
     coef_new = 0.0
     if HAS_CE:
         lse_ce = tl.load(stats_row + 0)
-        coef_ce = tl.load(stats_row + 1)
+        coef_ce = g * tl.load(stats_row + 1)
     if HAS_OLD:
         lse_c_old = tl.load(stats_row + 2)
         lse_a_old = tl.load(stats_row + 3)
-        coef_old = tl.load(stats_row + 4)
+        coef_old = g * tl.load(stats_row + 4)
     if HAS_NEW:
         lse_c_new = tl.load(stats_row + 5)
         lse_a_new = tl.load(stats_row + 6)
-        coef_new = tl.load(stats_row + 7)
-    return lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new
+        coef_new = g * tl.load(stats_row + 7)
+    return RowGradient(lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new)
 
 
 @triton.jit
 def _gradient_block(
     z_row, old_row, new_row, bias_ptr, bias_stride, grad_row, start, lo, hi, y, offset,
-    label_smoothing, inv_num_classes, kt,
-    lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
+    label_smoothing, inv_num_classes, kt, gradient,
     HAS_CE: tl.constexpr, OLD_HERE: tl.constexpr, HAS_NEW: tl.constexpr, IS_KL: tl.constexpr,
     BIAS: tl.constexpr, VEC: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """The gradient of the classes [lo, hi) of the block at ``start`` (see _stats_block)."""
+    """The gradient of the classes [lo, hi) of the block at ``start`` (see _stats_block),
+    from the row's RowGradient."""
+    (lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new) = gradient
     cols = _tile(start, VEC, ROWS)
     mask = (cols >= lo) & (cols < hi)
     grad = tl.zeros([ROWS, VEC], dtype=tl.float32)
@@ -366,13 +419,13 @@ def _gradient_block(
 @triton.jit
 def _gradient_sweep(
     z_row, old_row, new_row, bias_ptr, bias_stride, grad_row,
-    y, split, lo, hi, num_classes, new_class_bias, label_smoothing, kt,
-    lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
+    y, split, lo, hi, num_classes, new_class_bias, label_smoothing, kt, gradient,
     HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr,
     IS_KL: tl.constexpr, BIAS: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
 ):
     """Writes the classes [lo, hi) (lo a multiple of BLOCK_C) of row i of the gradient (a
-    counted row): dL_i/dz_ij times whatever the coefficients hold (row scale, weights,
+    counted row): dL_i/dz_ij times whatever the coefficients of ``gradient`` (a
+    RowGradient) hold (row scale, weights,
     focal weights, upstream gradient), rounded once to the gradient's dtype. Both kernels
     run this, on the whole row or on one chunk of it.
 
@@ -392,15 +445,13 @@ def _gradient_sweep(
     for i in range(0, num_new_blocks):
         _gradient_block(
             z_row, old_row, new_row, bias_ptr, bias_stride, grad_row, last_new - i * BLOCK_C, split, num_classes,
-            y, new_offset, label_smoothing, inv_num_classes, kt,
-            lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
+            y, new_offset, label_smoothing, inv_num_classes, kt, gradient,
             HAS_CE, False, HAS_NEW, IS_KL, BIAS, VEC, ROWS)
     num_old_blocks = tl.cdiv(tl.minimum(hi, split) - lo, BLOCK_C)
     for i in range(0, num_old_blocks):
         _gradient_block(
             z_row, old_row, new_row, bias_ptr, bias_stride, grad_row, lo + (num_old_blocks - 1 - i) * BLOCK_C,
-            0, split, y, 0.0, label_smoothing, inv_num_classes, kt,
-            lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
+            0, split, y, 0.0, label_smoothing, inv_num_classes, kt, gradient,
             HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, VEC, ROWS)
 
 
@@ -436,60 +487,40 @@ def _statistics(
     """The statistics sweep over the classes [lo, hi) (lo a multiple of BLOCK_C) that a row
     reads (< read_limit; 0 for an ignored row), per tile row: the classes < split (old
     source read; no bias b), then the rest. The student is also returned as it stood after
-    the old classes (m_z_old, l_c_old: the old source's LSE(s/τ)). Returned as one tuple,
-    the row's ``parts`` (_row_terms, _store_chunk_record)."""
+    the old classes (``student_old``: the old source's LSE(s/τ)). Returns a RowStats."""
     ROWS: tl.constexpr = BLOCK_C // VEC
-    m_ce = tl.full([ROWS], _NEG_INF, tl.float32)
-    l_ce = tl.zeros([ROWS], tl.float32)
-    sum_biased = tl.zeros([ROWS], tl.float32)
-    m_z = tl.full([ROWS], _NEG_INF, tl.float32)
-    l_c = tl.zeros([ROWS], tl.float32)
-    prefix_z = tl.full([ROWS], _NEG_INF, tl.float32)
-    m_a_old = tl.full([ROWS], _NEG_INF, tl.float32)
-    l_a_old = tl.zeros([ROWS], tl.float32)
-    kl_old = tl.zeros([ROWS], tl.float32)
-    sq_old = tl.zeros([ROWS], tl.float32)
-    prefix_old = tl.full([ROWS], _NEG_INF, tl.float32)
-    m_a_new = tl.full([ROWS], _NEG_INF, tl.float32)
-    l_a_new = tl.zeros([ROWS], tl.float32)
-    kl_new = tl.zeros([ROWS], tl.float32)
-    sq_new = tl.zeros([ROWS], tl.float32)
-    prefix_new = tl.full([ROWS], _NEG_INF, tl.float32)
+    stats = RowStats(_empty_lse(ROWS), tl.zeros([ROWS], tl.float32), _empty_lse(ROWS), _empty_lse(ROWS),
+                     tl.full([ROWS], _NEG_INF, tl.float32), _empty_source(ROWS), _empty_source(ROWS))
     # The loops run over the chunk's blocks; the masks are the segments' bounds, which the
     # chunk's never cut (its ends are multiples of the block, or C): bounds the compiler
     # knows to be multiples of 16 keep the loads 16 bytes wide (a masked chunk end did
     # not, and cost the statistics loop about 40 registers).
     for start in range(lo, tl.minimum(hi, split_limit), BLOCK_C):
-        (m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
-         m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _stats_block(
-            m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
-            m_a_new, l_a_new, kl_new, sq_new, prefix_new,
-            z_row, old_row, new_row, bias_ptr, bias_stride, start, 0, split_limit, y, 0.0, kt,
-            HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC, ROWS)
-    m_z_old = m_z
-    l_c_old = l_c
+        stats = _stats_block(stats, z_row, old_row, new_row, bias_ptr, bias_stride, start, 0, split_limit, y, 0.0,
+                             kt, HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC, ROWS)
+    student_old = stats.student
     for start in range(tl.maximum(lo, (split_limit // BLOCK_C) * BLOCK_C), tl.minimum(hi, read_limit), BLOCK_C):
-        (m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
-         m_a_new, l_a_new, kl_new, sq_new, prefix_new) = _stats_block(
-            m_ce, l_ce, sum_biased, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old, prefix_old,
-            m_a_new, l_a_new, kl_new, sq_new, prefix_new,
-            z_row, old_row, new_row, bias_ptr, bias_stride, start, split_limit, read_limit, y, new_offset, kt,
-            HAS_CE, False, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC, ROWS)
+        stats = _stats_block(stats, z_row, old_row, new_row, bias_ptr, bias_stride, start, split_limit, read_limit,
+                             y, new_offset, kt, HAS_CE, False, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC, ROWS)
     # the argmax tests' prefix maxima: the classes of y's block before y, if the block is here
+    prefix_z = stats.prefix_z
+    old = stats.old
+    new = stats.new
     y_block = (y // BLOCK_C) * BLOCK_C
     if (y_block >= lo) & (y_block < hi) & (y_block < y):
         prefix_z = tl.maximum(prefix_z, _max_before(z_row, y, read_limit, BLOCK_C, VEC, ROWS))
         if HAS_OLD:
-            prefix_old = tl.maximum(prefix_old, _max_before(old_row, y, split_limit, BLOCK_C, VEC, ROWS))
+            old = SourceStats(old.teacher, old.kl, old.sq,
+                              tl.maximum(old.prefix, _max_before(old_row, y, split_limit, BLOCK_C, VEC, ROWS)))
         if HAS_NEW:
-            prefix_new = tl.maximum(prefix_new, _max_before(new_row, y, read_limit, BLOCK_C, VEC, ROWS))
-    return (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-            prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new)
+            new = SourceStats(new.teacher, new.kl, new.sq,
+                              tl.maximum(new.prefix, _max_before(new_row, y, read_limit, BLOCK_C, VEC, ROWS)))
+    return RowStats(stats.ce, stats.sum_biased, student_old, stats.student, prefix_z, old, new)
 
 
 @triton.jit
 def _row_terms(
-    parts, z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
+    stats, z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
     num_classes, num_old, new_class_bias, label_smoothing, inv_tau, kt, kl_scale, alpha, beta,
     ce_weight, old_weight, new_weight,
     HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr, IS_KL: tl.constexpr,
@@ -497,16 +528,13 @@ def _row_terms(
 ):
     """The row's loss, in the order of spec §3, and each term's gradient coefficient for an
     upstream gradient of 1 (``row_scale``: 1/count for "mean"; NaN for a target out of
-    range), from the row's statistics given as vectors of parts: a program's tile rows
-    (_statistics) or the chunks of the row (_load_chunk_records); an online log-sum-exp
-    part is its max and its sum relative to that max (see _online_lse)."""
-    (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-     prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = parts
+    range), as (loss, RowGradient), from the row's RowStats as vectors of parts: a
+    program's tile rows (_statistics) or the chunks of the row (_load_chunk_records)."""
     row_scale = tl.where(in_range, row_scale, float("nan"))
     z_at_y = tl.load(z_row + y, mask=target_ok, other=0.0).to(tl.float32)
-    student_max_old = tl.max(m_z_old, 0)
-    student_is_y_old = _is_argmax(z_at_y, student_max_old, tl.max(prefix_z, 0), y, num_old)
-    student_is_y_new = _is_argmax(z_at_y, tl.max(m_z, 0), tl.max(prefix_z, 0), y, num_classes)
+    prefix_z = tl.max(stats.prefix_z, 0)
+    student_is_y_old = _is_argmax(z_at_y, tl.max(stats.student_old.m, 0), prefix_z, y, num_old)
+    student_is_y_new = _is_argmax(z_at_y, tl.max(stats.student.m, 0), prefix_z, y, num_classes)
     lse_ce = 0.0
     coef_ce = 0.0
     lse_c_old = 0.0
@@ -517,38 +545,36 @@ def _row_terms(
     coef_new = 0.0
     row_loss = 0.0
     if HAS_CE:
-        lse_ce, total_ce, unused_factor = _lse_total(m_ce, l_ce, _LOG2E)  # base 2: the gradient's
+        lse_ce, total_ce, unused_factor = _lse_total(stats.ce.m, stats.ce.l, _LOG2E)  # base 2: the gradient's
         # the loss's LSE in natural units from the row max itself (max + ln Σ exp(z̃ - max)),
         # not lse_ce · ln 2: a row of one class then has LSE = z̃ exactly, and loss 0
-        row_max_ce = tl.max(m_ce, 0)
+        row_max_ce = tl.max(stats.ce.m, 0)
         lse_ce_natural = tl.where(row_max_ce == _NEG_INF, 0.0, row_max_ce) + tl.math.log2(total_ce) * _LN2
         z_target = z_at_y + _class_bias(bias_ptr, bias_stride, y, target_ok, num_old, new_class_bias, BIAS)
         nll = lse_ce_natural - z_target
         # (ε/C) Σ_j (LSE - z̃_j); skipped at ε = 0, where 0 · inf would be NaN on masked classes
         smoothing = tl.where(label_smoothing == 0.0, 0.0,
-                             label_smoothing * (lse_ce_natural - tl.sum(sum_biased, 0) / num_classes))
+                             label_smoothing * (lse_ce_natural - tl.sum(stats.sum_biased, 0) / num_classes))
         row_loss += ce_weight * ((1.0 - label_smoothing) * nll + smoothing)
         coef_ce = row_scale * ce_weight
     if HAS_OLD:
-        lse_c_old, unused_total, unused_factor = _lse_total(m_z_old, l_c_old, kt)
+        lse_c_old, unused_total, unused_factor = _lse_total(stats.student_old.m, stats.student_old.l, kt)
         r_at_y = tl.load(old_row + y, mask=target_ok & (y < num_old), other=0.0).to(tl.float32)
-        ref_is_y = _is_argmax(r_at_y, tl.max(m_a_old, 0), tl.max(prefix_old, 0), y, num_old)
+        ref_is_y = _is_argmax(r_at_y, tl.max(stats.old.teacher.m, 0), tl.max(stats.old.prefix, 0), y, num_old)
         w_old = _focal_weight(ref_is_y, student_is_y_old, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
-        d_old, lse_a_old, d_factor_old = _distill_row(
-            lse_c_old, m_a_old, l_a_old, kl_old, sq_old, num_old, inv_tau, kt, kl_scale, IS_KL)
+        d_old, lse_a_old, d_factor_old = _distill_row(lse_c_old, stats.old, num_old, inv_tau, kt, kl_scale, IS_KL)
         row_loss += old_weight * w_old * d_old
         coef_old = row_scale * old_weight * w_old * d_factor_old
     if HAS_NEW:
         r_at_y = tl.load(new_row + y, mask=target_ok, other=0.0).to(tl.float32)
-        ref_is_y = _is_argmax(r_at_y, tl.max(m_a_new, 0), tl.max(prefix_new, 0), y, num_classes)
+        ref_is_y = _is_argmax(r_at_y, tl.max(stats.new.teacher.m, 0), tl.max(stats.new.prefix, 0), y, num_classes)
         w_new = _focal_weight(ref_is_y, student_is_y_new, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
-        lse_c_new, unused_total, unused_factor = _lse_total(m_z, l_c, kt)
-        d_new, lse_a_new, d_factor_new = _distill_row(
-            lse_c_new, m_a_new, l_a_new, kl_new, sq_new, num_classes, inv_tau, kt, kl_scale, IS_KL)
+        lse_c_new, unused_total, unused_factor = _lse_total(stats.student.m, stats.student.l, kt)
+        d_new, lse_a_new, d_factor_new = _distill_row(lse_c_new, stats.new, num_classes, inv_tau, kt, kl_scale, IS_KL)
         row_loss += new_weight * w_new * d_new
         coef_new = row_scale * new_weight * w_new * d_factor_new
     row_loss = tl.where(in_range, row_loss, float("nan"))
-    return row_loss, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new
+    return row_loss, RowGradient(lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new)
 
 
 # --------------------------------------------------------------------------- chunked rows
@@ -573,37 +599,35 @@ _TEACHER_NEW_FIELD = tl.constexpr(13)
 
 
 @triton.jit
-def _store_lse_part(record, FIELD: tl.constexpr, m, l, scale):
-    """One online log-sum-exp of a chunk, its tile rows combined, at FIELD and FIELD + 1:
-    the max and the sum relative to the max's shift. Returns the tile rows' factors onto
-    that shift."""
-    unused_lse, total, factor = _lse_total(m, l, scale)
-    tl.store(record + FIELD, tl.max(m, 0))
+def _store_lse_part(record, FIELD: tl.constexpr, lse, scale):
+    """One OnlineLse of a chunk, its tile rows combined, at FIELD and FIELD + 1: the max
+    and the sum relative to the max's shift. Returns the tile rows' factors onto that
+    shift."""
+    unused_lse, total, factor = _lse_total(lse.m, lse.l, scale)
+    tl.store(record + FIELD, tl.max(lse.m, 0))
     tl.store(record + FIELD + 1, total)
     return factor
 
 
 @triton.jit
-def _store_teacher_part(record, FIELD: tl.constexpr, m_a, l_a, kl_sum, sq_sum, prefix, kt):
-    """One distillation source of a chunk at FIELD .. FIELD + 4."""
-    factor = _store_lse_part(record, FIELD, m_a, l_a, kt)
-    tl.store(record + FIELD + 2, tl.sum(kl_sum * factor, 0))  # onto the teacher's shift, as l
-    tl.store(record + FIELD + 3, tl.sum(sq_sum, 0))
-    tl.store(record + FIELD + 4, tl.max(prefix, 0))
+def _store_teacher_part(record, FIELD: tl.constexpr, source, kt):
+    """One distillation source (SourceStats) of a chunk at FIELD .. FIELD + 4."""
+    factor = _store_lse_part(record, FIELD, source.teacher, kt)
+    tl.store(record + FIELD + 2, tl.sum(source.kl * factor, 0))  # onto the teacher's shift, as l
+    tl.store(record + FIELD + 3, tl.sum(source.sq, 0))
+    tl.store(record + FIELD + 4, tl.max(source.prefix, 0))
 
 
 @triton.jit
-def _store_chunk_record(record, parts, kt):
-    """A chunk's statistics (_statistics's parts) as one record (fields: see RECORD)."""
-    (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-     prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new) = parts
-    _store_lse_part(record, _CE_FIELD, m_ce, l_ce, _LOG2E)
-    tl.store(record + _SUM_BIASED_FIELD, tl.sum(sum_biased, 0))
-    _store_lse_part(record, _STUDENT_OLD_FIELD, m_z_old, l_c_old, kt)
-    _store_lse_part(record, _STUDENT_FIELD, m_z, l_c, kt)
-    tl.store(record + _PREFIX_Z_FIELD, tl.max(prefix_z, 0))
-    _store_teacher_part(record, _TEACHER_OLD_FIELD, m_a_old, l_a_old, kl_old, sq_old, prefix_old, kt)
-    _store_teacher_part(record, _TEACHER_NEW_FIELD, m_a_new, l_a_new, kl_new, sq_new, prefix_new, kt)
+def _store_chunk_record(record, stats, kt):
+    """A chunk's RowStats (from _statistics) as one record (fields: see RECORD)."""
+    _store_lse_part(record, _CE_FIELD, stats.ce, _LOG2E)
+    tl.store(record + _SUM_BIASED_FIELD, tl.sum(stats.sum_biased, 0))
+    _store_lse_part(record, _STUDENT_OLD_FIELD, stats.student_old, kt)
+    _store_lse_part(record, _STUDENT_FIELD, stats.student, kt)
+    tl.store(record + _PREFIX_Z_FIELD, tl.max(stats.prefix_z, 0))
+    _store_teacher_part(record, _TEACHER_OLD_FIELD, stats.old, kt)
+    _store_teacher_part(record, _TEACHER_NEW_FIELD, stats.new, kt)
 
 
 @triton.jit
@@ -614,33 +638,31 @@ def _record_field(records, valid, FIELD: tl.constexpr, EMPTY: tl.constexpr):
 
 @triton.jit
 def _load_lse_part(records, valid, FIELD: tl.constexpr):
-    return _record_field(records, valid, FIELD, _NEG_INF), _record_field(records, valid, FIELD + 1, 0.0)
+    return OnlineLse(_record_field(records, valid, FIELD, _NEG_INF), _record_field(records, valid, FIELD + 1, 0.0))
 
 
 @triton.jit
 def _load_teacher_part(records, valid, FIELD: tl.constexpr):
-    m_a, l_a = _load_lse_part(records, valid, FIELD)
-    kl_sum = _record_field(records, valid, FIELD + 2, 0.0)
-    sq_sum = _record_field(records, valid, FIELD + 3, 0.0)
-    return m_a, l_a, kl_sum, sq_sum, _record_field(records, valid, FIELD + 4, _NEG_INF)
+    return SourceStats(_load_lse_part(records, valid, FIELD), _record_field(records, valid, FIELD + 2, 0.0),
+                       _record_field(records, valid, FIELD + 3, 0.0), _record_field(records, valid, FIELD + 4, _NEG_INF))
 
 
 @triton.jit
 def _load_chunk_records(row_records, num_chunks, CHUNKS: tl.constexpr):
-    """A row's chunk records as [CHUNKS] vectors, in _statistics's order (absent chunks
-    empty: max -inf, sums 0)."""
+    """A row's chunk records as a RowStats of [CHUNKS] vectors (absent chunks empty: max
+    -inf, sums 0)."""
     chunk = tl.arange(0, CHUNKS)
     valid = chunk < num_chunks
     records = row_records + chunk * RECORD
-    m_ce, l_ce = _load_lse_part(records, valid, _CE_FIELD)
-    sum_biased = _record_field(records, valid, _SUM_BIASED_FIELD, 0.0)
-    m_z_old, l_c_old = _load_lse_part(records, valid, _STUDENT_OLD_FIELD)
-    m_z, l_c = _load_lse_part(records, valid, _STUDENT_FIELD)
-    prefix_z = _record_field(records, valid, _PREFIX_Z_FIELD, _NEG_INF)
-    m_a_old, l_a_old, kl_old, sq_old, prefix_old = _load_teacher_part(records, valid, _TEACHER_OLD_FIELD)
-    m_a_new, l_a_new, kl_new, sq_new, prefix_new = _load_teacher_part(records, valid, _TEACHER_NEW_FIELD)
-    return (m_ce, l_ce, sum_biased, m_z_old, l_c_old, m_z, l_c, prefix_z, m_a_old, l_a_old, kl_old, sq_old,
-            prefix_old, m_a_new, l_a_new, kl_new, sq_new, prefix_new)
+    return RowStats(
+        _load_lse_part(records, valid, _CE_FIELD),
+        _record_field(records, valid, _SUM_BIASED_FIELD, 0.0),
+        _load_lse_part(records, valid, _STUDENT_OLD_FIELD),
+        _load_lse_part(records, valid, _STUDENT_FIELD),
+        _record_field(records, valid, _PREFIX_Z_FIELD, _NEG_INF),
+        _load_teacher_part(records, valid, _TEACHER_OLD_FIELD),
+        _load_teacher_part(records, valid, _TEACHER_NEW_FIELD),
+    )
 
 
 @triton.jit
@@ -707,12 +729,12 @@ def _mpt_loss_kernel(
         if stats_row < num_rows:
             counted, in_range, target_ok, y = _row_target(target_ptr, target_stride, stats_row, ignore_index,
                                                           num_classes)
-            parts = _statistics(
+            stats = _statistics(
                 z_ptr + stats_row * z_row_stride, old_ptr + stats_row * old_row_stride,
                 new_ptr + stats_row * new_row_stride, bias_ptr, bias_stride, lo, hi,
                 tl.where(counted, split, 0), tl.where(counted, num_read, 0), y, new_offset, kt,
                 HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
-            _store_chunk_record(records_ptr + (stats_row * num_chunks + chunk) * RECORD, parts, kt)
+            _store_chunk_record(records_ptr + (stats_row * num_chunks + chunk) * RECORD, stats, kt)
             _publish(sync_ptr + 1 + stats_row)
         # ---- then the same chunk of the row `lag` rows earlier, once its records are all in
         row = stats_row - lag
@@ -722,23 +744,22 @@ def _mpt_loss_kernel(
         new_row = new_ptr + row * new_row_stride
         counted, in_range, target_ok, y = _row_target(target_ptr, target_stride, row, ignore_index, num_classes)
         if CHUNKS == 0:
-            parts = _statistics(
+            stats = _statistics(
                 z_row, old_row, new_row, bias_ptr, bias_stride, 0, num_classes,
                 tl.where(counted, split, 0), tl.where(counted, num_read, 0), y, new_offset, kt,
                 HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
         else:
             _wait_for(sync_ptr + 1 + row, num_chunks)
-            parts = _load_chunk_records(records_ptr + row * num_chunks * RECORD, num_chunks, CHUNKS)
-        (row_loss, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new) = _row_terms(
-            parts, z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
+            stats = _load_chunk_records(records_ptr + row * num_chunks * RECORD, num_chunks, CHUNKS)
+        row_loss, gradient = _row_terms(
+            stats, z_row, old_row, new_row, bias_ptr, bias_stride, y, target_ok, in_range, row_scale,
             num_classes, num_old, new_class_bias, label_smoothing, inv_tau, kt, kl_scale, alpha, beta,
             ce_weight, old_weight, new_weight,
             HAS_CE, HAS_OLD, HAS_NEW, IS_KL, FOCUS_REF, FOCUS_STUDENT, BIAS)
         if write_row:
             tl.store(rows_ptr + row, tl.where(counted, row_loss, 0.0))
             if WRITE_GRAD:  # what a backward needs to redo the gradient sweep
-                _store_row_stats(stats_ptr + row * NUM_STATS, lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old,
-                                 lse_c_new, lse_a_new, coef_new, HAS_CE, HAS_OLD, HAS_NEW)
+                _store_row_stats(stats_ptr + row * NUM_STATS, gradient, HAS_CE, HAS_OLD, HAS_NEW)
 
         # ---- gradient sweep over [lo, hi) for an upstream gradient of 1
         if WRITE_GRAD:
@@ -746,8 +767,7 @@ def _mpt_loss_kernel(
             if counted:
                 _gradient_sweep(
                     z_row, old_row, new_row, bias_ptr, bias_stride, grad_row,
-                    y, split, lo, hi, num_classes, new_class_bias, label_smoothing, kt,
-                    lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new,
+                    y, split, lo, hi, num_classes, new_class_bias, label_smoothing, kt, gradient,
                     HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
             else:
                 _zero_gradient(grad_row, lo, hi, num_classes, BLOCK_C, VEC)
@@ -778,13 +798,11 @@ def _mpt_loss_backward_kernel(
     g = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
     counted, in_range, target_ok, y = _row_target(target_ptr, target_stride, row, ignore_index, num_classes)
     if (g != 1.0) & counted:  # (a target out of range has NaN coefficients already)
-        (lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new,
-         coef_new) = _load_row_stats(stats_ptr + row * NUM_STATS, HAS_CE, HAS_OLD, HAS_NEW)
+        gradient = _load_row_stats(stats_ptr + row * NUM_STATS, g, HAS_CE, HAS_OLD, HAS_NEW)
         _gradient_sweep(
             z_ptr + row * z_row_stride, old_ptr + row * old_row_stride, new_ptr + row * new_row_stride,
             bias_ptr, bias_stride, grad_ptr + row * num_classes,
-            y, split, 0, num_classes, num_classes, new_class_bias, label_smoothing, inv_tau * _LOG2E,
-            lse_ce, g * coef_ce, lse_c_old, lse_a_old, g * coef_old, lse_c_new, lse_a_new, g * coef_new,
+            y, split, 0, num_classes, num_classes, new_class_bias, label_smoothing, inv_tau * _LOG2E, gradient,
             HAS_CE, HAS_OLD, HAS_NEW, IS_KL, BIAS, BLOCK_C, VEC)
 
 
