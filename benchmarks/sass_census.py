@@ -57,7 +57,7 @@ block = TM.TILE_ELEMENTS
 warps = TM._num_warps(block)
 for splc in (False, True):
     sass = compile_kernel(TM._multilabel_kernel, types, dict(
-        IS_SPLC=splc, WRITE_ELEMENT_LOSS=False, WRITE_TILE_SUMS=True, WRITE_GRAD=True, UPSTREAM_SCALAR=False,
+        IS_SPLC=splc, FOCAL=True, WRITE_ELEMENT_LOSS=False, WRITE_TILE_SUMS=True, WRITE_GRAD=True, UPSTREAM_SCALAR=False,
         UPSTREAM_PER_ELEMENT=False, FLAT=True, BLOCK_ROWS=1, BLOCK_COLS=block), warps, aligned=aligned)
     print("@@", "splc" if splc else "hill", 2 * block // (32 * warps))
     print(sass)
@@ -224,7 +224,7 @@ def cuda_census() -> None:
     sass, ptxas = cuda_sass(os.path.join(ROOT, "csrc", "multilabel_loss.cu"))
     version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     print(f"nvcc ({version}), sm_90, bf16 logits, uint8 (bool) targets, forward kernel")
-    wanted = "multilabel_loss_kernelINS_8BFloat16ENS_5UInt8"
+    wanted = "multilabel_loss_kernelINS_8BFloat16ENS_5UInt8ELi8ELb1E"  # VEC 8, kFocal (γ != 0)
     for function in re.split(r"\n\s+Function : ", sass)[1:]:
         if wanted in function.split("\n", 1)[0]:
             ops = opcodes(function)

@@ -108,18 +108,23 @@ struct LossAndGrad {
 
 // ℓ = -(1 - p)^γ log p and ∂ℓ/∂s = (1 - p)^γ (γ p log p - (1 - p)), p = σ(s): the positive
 // term of both losses. The focal factor is differentiated (spec §4) and computed as
-// exp(γ log(1 - p)), smooth also where 1 - p underflows. Mirrored (s -> -s, which negates
-// the derivative) it is SPLC's negative term.
+// exp(γ log(1 - p)), smooth also where 1 - p underflows. kFocal = (γ != 0), a template
+// parameter so that the kernels pay nothing for it: for γ = 0 the factor is 1 (as
+// torch.pow(0., 0.)), also at s = +inf, where 0 · log(1 - p) would be NaN. Mirrored
+// (s -> -s, which negates the derivative) it is SPLC's negative term.
+template <bool kFocal>
 MPT_HD LossAndGrad focal_positive(const SigmoidForms& f, float gamma) {
+  if (!kFocal) return {-f.log_p, -f.one_minus_p};
   const float focal = fast_exp2((gamma * kLog2e) * f.log_one_minus_p);  // γ·log2(e): hoisted out of loops
   return {-focal * f.log_p, focal * (gamma * f.p * f.log_p - f.one_minus_p)};
 }
 
 // Hill (spec §4). positive: -(1-q)^γ log q, q = σ(x - m); negative: (λ - p) p², p = σ(x),
 // with ∂/∂x = (2λ - 3p) p² (1 - p)
+template <bool kFocal>
 MPT_HD LossAndGrad hill_element(float x, bool positive, float lamb, float margin, float gamma) {
   const SigmoidForms f = sigmoid_forms(positive ? x - margin : x);
-  if (positive) return focal_positive(f, gamma);
+  if (positive) return focal_positive<kFocal>(f, gamma);
   const float p = f.p;
   const float p_squared = p * p;
   return {(lamb - p) * p_squared, (2.0f * lamb - 3.0f * p) * p_squared * f.one_minus_p};
@@ -130,10 +135,11 @@ MPT_HD LossAndGrad hill_element(float x, bool positive, float lamb, float margin
 // logit (flip_logit: _validation.splc_flip_logit, +inf before change_epoch) so that it
 // does not depend on how σ is approximated. t' = 0 is the positive term at -x (the focal
 // term of σ(-x) = 1 - p, -p^γ log(1 - p)) with the derivative negated.
+template <bool kFocal>
 MPT_HD LossAndGrad splc_element(float x, bool positive, float flip_logit, float margin, float gamma) {
   const float shifted = positive ? x - margin : x;
   const bool as_positive = positive || shifted > flip_logit;
-  const LossAndGrad r = focal_positive(sigmoid_forms(as_positive ? shifted : -shifted), gamma);
+  const LossAndGrad r = focal_positive<kFocal>(sigmoid_forms(as_positive ? shifted : -shifted), gamma);
   return {r.loss, as_positive ? r.grad : -r.grad};
 }
 
@@ -145,9 +151,15 @@ struct MultilabelParams {
   float flip_logit;        // SPLC: a negative with x > flip_logit counts as positive
 };
 
+template <bool kFocal>
 MPT_HD LossAndGrad multilabel_element(float x, bool positive, const MultilabelParams& p) {
-  return p.splc ? splc_element(x, positive, p.flip_logit, p.margin, p.gamma)
-                : hill_element(x, positive, p.lamb, p.margin, p.gamma);
+  return p.splc ? splc_element<kFocal>(x, positive, p.flip_logit, p.margin, p.gamma)
+                : hill_element<kFocal>(x, positive, p.lamb, p.margin, p.gamma);
+}
+
+// The same, γ = 0 or not decided at run time (the host's checks; kernels take kFocal).
+MPT_HD LossAndGrad multilabel_element(float x, bool positive, const MultilabelParams& p) {
+  return p.gamma != 0.0f ? multilabel_element<true>(x, positive, p) : multilabel_element<false>(x, positive, p);
 }
 
 // The logits' gradient of one element: upstream · scale · ∂ℓ/∂x, scale = 1/(N·C) for

@@ -9,6 +9,8 @@
 // backward reads the upstream gradient on the device and, only where it is not 1,
 // recomputes the element's gradient times it (multilabel_gradient, as the forward) and
 // rounds it once: a scalar upstream gradient of 1 costs one read.
+#include <type_traits>
+
 #include "cuda_common.cuh"
 
 namespace mpt {
@@ -59,7 +61,8 @@ __device__ __forceinline__ void load_elements(const MultilabelKernelArgs& a, int
                          a.vec_targets, positive);
 }
 
-template <typename D, typename TD, int VEC>
+// kFocal: γ != 0 (see focal_positive)
+template <typename D, typename TD, int VEC, bool kFocal>
 __global__ void __launch_bounds__(kElementwiseThreads) multilabel_loss_kernel(const MultilabelKernelArgs a) {
   using S = typename D::storage;
   const int64_t C = a.num_cols;
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) multilabel_loss_kernel(co
     float loss[VEC], grad[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {  // a tail unit's columns >= C read 0 and are not summed or stored
-      const LossAndGrad r = multilabel_element(x[e], positive[e], a.math);
+      const LossAndGrad r = multilabel_element<kFocal>(x[e], positive[e], a.math);
       loss[e] = col0 + e < C ? r.loss : 0.0f;
       grad[e] = multilabel_gradient(r, a.grad_scale, 1.0f);
       acc += loss[e];
@@ -88,7 +91,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) multilabel_loss_kernel(co
 
 // Rewrites the gradient of the elements whose upstream gradient is not 1; the others keep
 // what the forward wrote (a scalar 1 returns at once).
-template <typename D, typename TD, int VEC>
+template <typename D, typename TD, int VEC, bool kFocal>
 __global__ void __launch_bounds__(kElementwiseThreads) multilabel_backward_kernel(const MultilabelKernelArgs a) {
   using S = typename D::storage;
   const S* up = static_cast<const S*>(a.upstream);
@@ -118,8 +121,9 @@ __global__ void __launch_bounds__(kElementwiseThreads) multilabel_backward_kerne
     load_elements<D, TD, VEC>(a, w.row, col0, x, positive);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      grad[e] = recompute[e] ? multilabel_gradient(multilabel_element(x[e], positive[e], a.math), a.grad_scale, upstream[e])
-                             : 0.0f;
+      grad[e] = recompute[e]
+                    ? multilabel_gradient(multilabel_element<kFocal>(x[e], positive[e], a.math), a.grad_scale, upstream[e])
+                    : 0.0f;
     }
     S* grad_row = static_cast<S*>(a.grad) + w.row * C;
     if (all) {
@@ -172,8 +176,16 @@ unsigned launch_elements(MultilabelKernelArgs a, const MultilabelInputs& in, cud
     dispatch_target_dtype(in.target_dtype, [&](auto target_tag) {
       using TD = decltype(target_tag);
       a.vec_targets = slots_aligned<typename TD::storage, VEC>(in.targets, in.targets_row_stride);
-      auto kernel = kBackward ? multilabel_backward_kernel<D, TD, VEC> : multilabel_loss_kernel<D, TD, VEC>;
-      MPT_LAUNCH(kernel, blocks, kElementwiseThreads, stream)(a);
+      auto launch = [&](auto focal) {
+        constexpr bool kFocal = decltype(focal)::value;
+        auto kernel = kBackward ? multilabel_backward_kernel<D, TD, VEC, kFocal> : multilabel_loss_kernel<D, TD, VEC, kFocal>;
+        MPT_LAUNCH(kernel, blocks, kElementwiseThreads, stream)(a);
+      };
+      if (a.math.gamma != 0.0f) {
+        launch(std::true_type{});
+      } else {
+        launch(std::false_type{});
+      }
     });
   });
   check_cuda(cudaGetLastError(), kBackward ? "launch of multilabel_backward_kernel" : "launch of multilabel_loss_kernel");

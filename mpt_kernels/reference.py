@@ -12,6 +12,7 @@ API does, then call ``softmax_family_loss`` / ``multilabel_loss``, which the
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -157,18 +158,31 @@ def softmax_family_loss(args: SoftmaxLossArgs) -> Tensor:
 
 # --------------------------------------------------------------------------- §4-5 multi-label
 def _focal_factor(log_base: Tensor, gamma: float) -> Tensor:
-    """base^γ from log(base): smooth everywhere, also where base underflows to 0."""
+    """base^γ from log(base): smooth everywhere, also where base underflows to 0; 1 for
+    γ = 0, also at base 0 (as torch.pow(0., 0.)), where exp(0 · -inf) would be NaN."""
+    if gamma == 0.0:
+        return torch.ones_like(log_base)
     return torch.exp(gamma * log_base)
+
+
+def _branches(take_first: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """x where ``take_first``, and x elsewhere, each 0 in the other's elements. A branch
+    of torch.where gets a zero gradient where it is not taken, and a zero times an
+    infinite partial (a branch's loss at an infinite logit) is NaN: each branch is
+    evaluated on its own elements only, so that a masked class (x = -inf) with a
+    finite loss also gets a finite gradient."""
+    return torch.where(take_first, x, 0.0), torch.where(take_first, 0.0, x)
 
 
 def hill_elements(x: Tensor, positive: Tensor, lamb: float, margin: float, gamma: float) -> Tensor:
     """Hill loss per element (spec §4)."""
+    x_positive, x_negative = _branches(positive, x)
     # positive: -(1 - q)^γ log q, q = σ(x - m); log q and log(1 - q) as log-sigmoids
-    shifted = x - margin
+    shifted = x_positive - margin
     log_q = F.logsigmoid(shifted)
     positive_loss = -_focal_factor(F.logsigmoid(-shifted), gamma) * log_q
     # negative: (λ - p) p², p = σ(x)
-    p = torch.sigmoid(x)
+    p = torch.sigmoid(x_negative)
     negative_loss = (lamb - p) * p * p
     return torch.where(positive, positive_loss, negative_loss)
 
@@ -178,14 +192,24 @@ def splc_elements(
 ) -> Tensor:
     """SPLC loss per element (spec §5)."""
     shifted = torch.where(positive, x - margin, x)  # the margin follows the original label
-    p = torch.sigmoid(shifted)
-    # the correction is a hard decision: it flips confident negatives, with no gradient
-    corrected = positive | ((epoch >= change_epoch) & (p.detach() > tau))
-    log_p = F.logsigmoid(shifted)
-    log_one_minus_p = F.logsigmoid(-shifted)
-    positive_loss = -_focal_factor(log_one_minus_p, gamma) * log_p
-    negative_loss = -_focal_factor(log_p, gamma) * log_one_minus_p
+    # The correction is a hard decision, with no gradient: it flips confident negatives,
+    # σ(x) > τ, decided as x > logit(τ) in float64 (σ is increasing). σ rounded in float32
+    # would move the boundary by a few ulps, and lose it where σ(x) rounds to 0 or 1
+    # (τ = 0 flips every negative: σ(x) > 0 for every finite x).
+    corrected = positive | ((epoch >= change_epoch) & (shifted.detach().double() > _logit(tau)))
+    as_positive, as_negative = _branches(corrected, shifted)
+    positive_loss = -_focal_factor(F.logsigmoid(-as_positive), gamma) * F.logsigmoid(as_positive)
+    negative_loss = -_focal_factor(F.logsigmoid(as_negative), gamma) * F.logsigmoid(-as_negative)
     return torch.where(corrected, positive_loss, negative_loss)
+
+
+def _logit(tau: float) -> float:
+    """log(τ / (1 - τ)) in float64; -inf at τ = 0, +inf at τ = 1."""
+    if tau <= 0.0:
+        return -math.inf
+    if tau >= 1.0:
+        return math.inf
+    return math.log(tau) - math.log1p(-tau)
 
 
 def multilabel_elements(args: MultiLabelLossArgs) -> Tensor:

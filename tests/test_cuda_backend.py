@@ -33,6 +33,9 @@ from mpt_kernels._registry import select_backend
 from mpt_kernels._validation import check_splc
 from mpt_kernels.backends import cuda as cuda_backend
 from rounding import assert_single_rounding, single_rounding_errors
+from multilabel_edges import (
+    float_targets, infinite_logits, splc_negative_losses, splc_threshold_cases,
+)
 from spec_gradients import away_from_splc_threshold
 
 pytestmark = pytest.mark.gpu
@@ -147,8 +150,8 @@ def multilabel_inputs(n, c, dtype, target_dtype, seed, *, tau=0.6, device=None):
     positive = torch.rand(n, c, generator=g, device=device) < 0.3
     if target_dtype == torch.bool:
         targets = positive
-    elif target_dtype.is_floating_point:  # soft-ish labels around the 0.5 threshold
-        targets = torch.where(positive, 0.75, 0.25).to(target_dtype)
+    elif target_dtype.is_floating_point:  # soft labels around the 0.5 threshold; -1 and NaN are negatives
+        targets = float_targets(positive, target_dtype, g)
         targets[0, : min(c, 3)] = 0.5  # exactly 0.5 is negative
     else:
         targets = positive.to(target_dtype) * 3
@@ -850,6 +853,29 @@ def test_splc_correction_starts_at_change_epoch_and_is_strict():
     loss = mk.splc_loss(x, t, epoch=1, tau=0.5, reduction="none", backend=BACKEND)
     corrected = -torch.nn.functional.logsigmoid(torch.tensor(1e-3)) * torch.sigmoid(torch.tensor(-1e-3)) ** 2
     torch.testing.assert_close(loss[0].cpu(), torch.tensor([0.25 * 0.6931471805599453, corrected.item()]))
+
+
+@pytest.mark.parametrize("tau, x", splc_threshold_cases(), ids=lambda v: f"{v}" if isinstance(v, float) else "")
+def test_splc_decision_at_the_threshold(tau, x):
+    """σ(x) > τ decided exactly (x > logit(τ)): next to logit(0.6), at τ = 0, at τ ~ 1."""
+    x = x.to(DEVICE).repeat(3, 1)
+    t = torch.zeros(x.shape, dtype=torch.bool, device=DEVICE)
+    loss, _ = check_against_reference(mk.splc_loss, x, t, epoch=1, tau=tau, reduction="none",
+                                      upstream=random_upstream(x, 46))
+    torch.testing.assert_close(loss.double().cpu(), splc_negative_losses(x, tau, gamma=2.0).cpu(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multilabel_infinite_logits(dtype, gamma):
+    """A negative at -inf and a positive at +inf: loss 0 and gradient 0, also for γ = 0."""
+    x, t = infinite_logits(DEVICE)
+    x = x.to(dtype)
+    for function, options in ((mk.hill_loss, {}), (mk.splc_loss, {"epoch": 3})):
+        loss, grad = check_against_reference(function, x, t, gamma=gamma, reduction="none",
+                                             upstream=random_upstream(x, 47), **options)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        assert (loss[:, :2] == 0).all() and (grad[:, :2] == 0).all()
 
 
 def test_multilabel_expanded_upstream_of_none():

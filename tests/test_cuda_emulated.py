@@ -48,6 +48,7 @@ from test_cuda_backend import (  # noqa: F401  (collected here as well)
     test_multilabel_backward_writes_only_elements_whose_upstream_is_not_one,
     test_multilabel_expanded_upstream_of_none,
     test_multilabel_extremes_and_nan,
+    test_multilabel_infinite_logits,
     test_multilabel_non_contiguous,
     test_multilabel_poisoned_and_empty,
     test_multilabel_shapes,
@@ -60,6 +61,7 @@ from test_cuda_backend import (  # noqa: F401  (collected here as well)
     test_second_backward_is_an_error,
     test_shared_row_bytes_must_be_none_or_a_count,
     test_splc_correction_starts_at_change_epoch_and_is_strict,
+    test_splc_decision_at_the_threshold,
     test_splc_parameters,
     test_upstream_strides_and_exact_one,
 )

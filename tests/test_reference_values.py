@@ -705,3 +705,43 @@ def test_multilabel_losses_are_finite_at_large_logits(epoch):
     # splc negative at x = 1e4 (p = 1 > τ): before the change -p² log(1-p) = 1e4; after it
     # is a positive without margin, -(1-p)² log p = 0
     assert_value(splc[1, 5], 0.0 if epoch else 1e4, tol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", (0.0, 2.0))
+def test_multilabel_infinite_logits_where_the_loss_is_finite(gamma):
+    # a negative at -inf (p = 0) and a positive at +inf (q = 1): loss 0 and gradient 0. The
+    # other branch of each element (infinite there) must not leak a 0 · inf = NaN into the
+    # gradient, and for γ = 0 the focal factor is 0^0 = 1, not exp(0 · -inf) = NaN.
+    x = torch.tensor([[-math.inf, math.inf, 0.5]], dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[False, True, True]])
+    for name, loss in (
+        ("hill", R.hill_loss(x, targets, gamma=gamma, reduction="none")),
+        ("splc", R.splc_loss(x, targets, epoch=1, gamma=gamma, reduction="none")),
+    ):
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert loss[0, :2].tolist() == [0.0, 0.0] and grad[0, :2].tolist() == [0.0, 0.0], name
+        # the finite positive at x = 1/2: -(1 - q)^γ log q, q = σ(-1/2) (margin 1)
+        q = 1 / (1 + math.exp(0.5))
+        assert_value(loss[0, 2], -((1 - q) ** gamma) * math.log(q))
+
+
+@pytest.mark.parametrize("tau, x, corrected", [
+    # logit(0.6) = log 1.5 = 0.405465108...: the float32 values next to it fall on either
+    # side (σ in float32 moved the boundary by three of them)
+    (0.6, [0.40546507, 0.40546510, 0.40546513], [False, False, True]),
+    # σ(x) > 0 for every finite x, also where σ(x) underflows (σ(-1e4) = e^-10000)
+    (0.0, [-1e4, -120.0, 3.0], [True, True, True]),
+    # σ(25) = 1 - 1.4e-11 > 1 - 1e-9, though it rounds to 1 in float32; σ(19) = 1 - 5.6e-9 < τ
+    (1 - 1e-9, [19.0, 25.0, 28.0], [False, True, True]),
+])
+def test_splc_correction_is_decided_exactly(tau, x, corrected):
+    x = torch.tensor([x], dtype=torch.float32)
+    loss = R.splc_loss(x, torch.zeros(x.shape, dtype=torch.bool), epoch=1, tau=tau, reduction="none")
+    for value, flipped, actual in zip(x[0].tolist(), corrected, loss[0].tolist()):
+        log_p = -math.log1p(math.exp(-value)) if value >= 0 else value - math.log1p(math.exp(value))  # log σ(x)
+        p = math.exp(log_p)
+        if flipped:  # a positive without margin: -(1 - p)² log p
+            expected = -((1 - p) ** 2) * log_p
+        else:  # -p² log(1 - p), log(1 - p) = log p - x
+            expected = -(p**2) * (log_p - value)
+        assert actual == pytest.approx(expected, rel=1e-5), (tau, value)

@@ -33,6 +33,9 @@ from mpt_kernels._validation import check_hill, check_splc, splc_flip_logit  # n
 from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
 from mpt_kernels.backends import triton_sum  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
+from multilabel_edges import (  # noqa: E402
+    float_targets, infinite_logits, splc_negative_losses, splc_threshold_cases,
+)
 from spec_gradients import away_from_splc_threshold  # noqa: E402
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,15 +63,14 @@ def generator(seed: int, device=DEVICE) -> torch.Generator:
 
 def as_targets(positive: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """Targets of ``dtype`` that are > 0.5 exactly where ``positive``: 0/1 for bool, 0/1/2
-    for uint8, soft values on both sides of 0.5 (0.5 itself is a negative) for floats."""
+    for uint8, for floats soft values on both sides of 0.5 and -1 and NaN among the
+    negatives (multilabel_edges.float_targets)."""
     if dtype == torch.bool:
         return positive
-    pick = torch.randint(0, 3, positive.shape, generator=gen, device=positive.device)
     if dtype == torch.uint8:
+        pick = torch.randint(0, 3, positive.shape, generator=gen, device=positive.device)
         return (positive.to(torch.uint8) * (1 + (pick > 0).to(torch.uint8)))
-    high = torch.tensor([0.5625, 0.75, 1.0], device=positive.device)[pick]
-    low = torch.tensor([0.0, 0.25, 0.5], device=positive.device)[pick]
-    return torch.where(positive, high, low).to(dtype)
+    return float_targets(positive, dtype, gen)
 
 
 def make_inputs(seed: int, dtype=torch.float32, target_dtype=torch.bool, *, n=N, c=C, tau=0.6):
@@ -275,6 +277,29 @@ def test_splc_threshold_is_strict():
     torch.testing.assert_close(loss[0, :2].cpu(), torch.tensor([uncorrected, corrected.item()]))
 
 
+@pytest.mark.parametrize("tau, x", splc_threshold_cases(), ids=lambda v: f"{v}" if isinstance(v, float) else "")
+def test_splc_decision_at_the_threshold(tau, x):
+    # σ(x) > τ decided exactly (x > logit(τ)): next to logit(0.6), at τ = 0 and at τ ~ 1
+    x = x.to(DEVICE)
+    t = torch.zeros(x.shape, dtype=torch.bool, device=DEVICE)
+    loss, _ = check_against_reference("splc", x, t, reduction="none", upstream=make_upstream("none", x, 44),
+                                      epoch=1, tau=tau)
+    torch.testing.assert_close(loss.double().cpu(), splc_negative_losses(x, tau, gamma=2.0).cpu(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("gamma", (0.0, 2.0))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("name", LOSSES)
+def test_infinite_logits(name, dtype, gamma):
+    # a negative at -inf and a positive at +inf: loss 0 and gradient 0, also for γ = 0
+    x, t = infinite_logits(DEVICE)
+    x = x.to(dtype)
+    loss, grad = check_against_reference(name, x, t, reduction="none", upstream=make_upstream("none", x, 45),
+                                         **dict(default_options(name), gamma=gamma))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (loss[:, :2] == 0).all() and (grad[:, :2] == 0).all()
+
+
 def extreme_logits(dtype, margin: float) -> torch.Tensor:
     values = [-1e4, -100.0, -30.0, -1e-3, 0.0, 1e-3, margin - 1e-3, margin, margin + 1e-3, 30.0, 100.0, 1e4]
     row = torch.tensor(values)
@@ -418,15 +443,16 @@ def test_inference_writes_no_gradient(name, reduction, poisoned_buffers):
 def test_hyper_parameters_are_runtime_arguments():
     # A new epoch, λ, margin, γ or τ must not recompile: the epoch never reaches the
     # kernel (it is folded into the float flip threshold on the host) and no float is a
-    # constexpr. Triton specialises ints on their value (1, multiples of 16), floats never.
-    # The GPU test below counts the compiled variants.
+    # constexpr (FOCAL is whether γ != 0: two variants at most). Triton specialises ints on
+    # their value (1, multiples of 16), floats never. The GPU test below counts the
+    # compiled variants.
     params = inspect.signature(getattr(TM._multilabel_kernel, "fn", TM._multilabel_kernel)).parameters
     assert not {"epoch", "change_epoch", "tau"} & set(params)
     for name in ("lamb", "margin", "gamma", "gamma_log2e", "flip_logit", "grad_scale"):
         assert "constexpr" not in str(params[name].annotation)
     constexprs = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
     assert constexprs == {
-        "IS_SPLC", "WRITE_ELEMENT_LOSS", "WRITE_TILE_SUMS", "WRITE_GRAD", "UPSTREAM_SCALAR",
+        "IS_SPLC", "FOCAL", "WRITE_ELEMENT_LOSS", "WRITE_TILE_SUMS", "WRITE_GRAD", "UPSTREAM_SCALAR",
         "UPSTREAM_PER_ELEMENT", "FLAT", "BLOCK_ROWS", "BLOCK_COLS",
     }
     before, after = (check_splc(
@@ -471,27 +497,28 @@ import re
 from mpt_kernels.backends import triton_multilabel as TM
 
 FLOATS = ["lamb", "margin", "gamma", "gamma_log2e", "flip_logit", "grad_scale"]
-MODES = [  # (flat, splc, element loss, tile sums, grad, scalar upstream, upstream per element)
-    (True, False, False, True, True, False, False),  # forward of "sum" with the gradient
-    (True, True, True, False, False, False, False),  # forward of "none"
-    (True, True, False, False, True, False, True),  # backward of "none"
-    (False, False, False, False, True, True, False),  # backward of "sum", strided
+MODES = [  # (flat, splc, element loss, tile sums, grad, scalar upstream, upstream per element, γ != 0)
+    (True, False, False, True, True, False, False, True),  # forward of "sum" with the gradient
+    (True, True, True, False, False, False, False, True),  # forward of "none"
+    (True, True, False, False, True, False, True, True),  # backward of "none"
+    (False, False, False, False, True, True, False, True),  # backward of "sum", strided
+    (True, True, False, True, True, False, False, False),  # forward of "sum" with the gradient, γ = 0
 ]
-for flat, splc, element_loss, tile_sums, grad, scalar, per_element in MODES:
+for flat, splc, element_loss, tile_sums, grad, scalar, per_element, focal in MODES:
     block_rows, block_cols = (1, 4096) if flat else TM.tile_shape(4096, 1000)
     types = dict(logits_ptr="*bf16", targets_ptr="*u8", upstream_ptr="*bf16", loss_ptr="*fp32", grad_ptr="*bf16",
                  numel="i64", **{name: "fp32" for name in FLOATS})
     # freshly allocated tensors are 16-byte aligned, and N·C is a multiple of 16 here
     aligned = ["logits_ptr", "targets_ptr", "upstream_ptr", "loss_ptr", "grad_ptr", "numel"]
     sass = compile_kernel(TM._multilabel_kernel, types, dict(
-        IS_SPLC=splc, WRITE_ELEMENT_LOSS=element_loss, WRITE_TILE_SUMS=tile_sums, WRITE_GRAD=grad,
+        IS_SPLC=splc, FOCAL=focal, WRITE_ELEMENT_LOSS=element_loss, WRITE_TILE_SUMS=tile_sums, WRITE_GRAD=grad,
         UPSTREAM_SCALAR=scalar, UPSTREAM_PER_ELEMENT=per_element, FLAT=flat,
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols), TM._num_warps(block_rows * block_cols), aligned=aligned)
     if flat:
         # the flat path reads and writes 16 bytes per instruction, in its full and tail tiles
         memory = set(re.findall(r"\b(LDG\.E[.A-Z0-9]*|STG\.E[.A-Z0-9]*)", sass))
         assert memory <= {"LDG.E.128", "STG.E.128", "STG.E"}, memory  # STG.E: the tile's partial sum
-    # per element two exponentials (σ's and the focal factor's), each a single MUFU (a
+    # per element two exponentials (σ's and the focal factor's; one for γ = 0), each a single MUFU (a
     # precise exp would add range reduction around it), log1p's reciprocal and, where the
     # gradient is computed, σ's (SPLC's loss alone needs no σ; the compiler may add one
     # more of its own, and Triton 3.6 duplicates one exponential of SPLC's loss), and no
@@ -499,7 +526,8 @@ for flat, splc, element_loss, tile_sums, grad, scalar, per_element in MODES:
     elements = block_rows * block_cols // (32 * TM._num_warps(block_rows * block_cols))
     elements *= 2 if flat else 1  # the flat kernel holds a full-tile and a tail copy
     ex2, lg2, rcp = (len(re.findall(rf"MUFU\.{op}", sass)) for op in ("EX2", "LG2", "RCP"))
-    assert 2 * elements <= ex2 <= 2 * elements + 2, (ex2, lg2, rcp)
+    exponentials = (2 if focal else 1) * elements
+    assert exponentials <= ex2 <= exponentials + 2, (ex2, lg2, rcp)
     assert lg2 == 0 and rcp >= (2 if grad else 1) * elements, (ex2, lg2, rcp)
 from mpt_kernels.backends import triton_sum
 for device_scale in (False, True):

@@ -128,13 +128,16 @@ def _sigmoid_and_log_sigmoids(s):
 
 
 @triton.jit
-def _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma, gamma_log2e):
+def _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma, gamma_log2e, FOCAL: tl.constexpr):
     """ℓ = -(1 - p)^γ log p and dℓ/ds = (1 - p)^γ (γ p log p - (1 - p)), p = σ(s).
 
     The focal factor is differentiated (spec §4) and computed as exp(γ log(1 - p)),
-    smooth also where 1 - p underflows. Mirrored (s -> -s swaps p and 1 - p, and negates
-    the derivative) it is SPLC's negative branch.
+    smooth also where 1 - p underflows. FOCAL = (γ != 0): for γ = 0 the factor is 1 (as
+    torch.pow(0., 0.)), also at s = +inf, where 0 · log(1 - p) would be NaN. Mirrored
+    (s -> -s swaps p and 1 - p, and negates the derivative) it is SPLC's negative branch.
     """
+    if not FOCAL:
+        return -log_p, -one_minus_p
     focal = fm.exp2(gamma_log2e * log_one_minus_p)  # gamma_log2e = γ·log2(e), from the host
     loss = -focal * log_p
     grad = focal * (gamma * p * log_p - one_minus_p)
@@ -151,7 +154,8 @@ def _hill_negative(p, one_minus_p, lamb):
 
 
 @triton.jit
-def _element_loss_and_grad(x, positive, lamb, margin, gamma, gamma_log2e, flip_logit, IS_SPLC: tl.constexpr):
+def _element_loss_and_grad(x, positive, lamb, margin, gamma, gamma_log2e, flip_logit, IS_SPLC: tl.constexpr,
+                           FOCAL: tl.constexpr):
     """Each element's loss and dℓ/dx (float32), Hill or SPLC."""
     # the margin follows the original label
     shifted = tl.where(positive, x - margin, x)
@@ -163,16 +167,29 @@ def _element_loss_and_grad(x, positive, lamb, margin, gamma, gamma_log2e, flip_l
         as_positive = positive | (shifted > flip_logit)
         signed = tl.where(as_positive, shifted, -shifted)
         p, one_minus_p, log_p, log_one_minus_p = _sigmoid_and_log_sigmoids(signed)
-        loss, grad = _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma, gamma_log2e)
+        loss, grad = _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma, gamma_log2e, FOCAL)
         grad = tl.where(as_positive, grad, -grad)
     else:
         # Hill (§4): focal positive at q = σ(x - m), Hill's quadratic negative at p = σ(x)
         p, one_minus_p, log_p, log_one_minus_p = _sigmoid_and_log_sigmoids(shifted)
-        positive_loss, positive_grad = _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma, gamma_log2e)
+        positive_loss, positive_grad = _focal_positive(p, one_minus_p, log_p, log_one_minus_p, gamma, gamma_log2e,
+                                                       FOCAL)
         negative_loss, negative_grad = _hill_negative(p, one_minus_p, lamb)
         loss = tl.where(positive, positive_loss, negative_loss)
         grad = tl.where(positive, positive_grad, negative_grad)
     return loss, grad
+
+
+@triton.jit
+def _is_positive(t):
+    """t > 0.5 (spec §4), for a target in its own dtype: a half-precision one compared in
+    float32 (the interpreter compares bfloat16 by its raw bits, which makes -1 and NaN
+    positive), a float64 one in float64, an integer one as t > 0."""
+    if t.dtype.is_floating():
+        if t.dtype == tl.float64:
+            return t > 0.5
+        return t.to(tl.float32) > 0.5
+    return t > 0
 
 
 # --------------------------------------------------------------------------- kernels
@@ -181,7 +198,7 @@ def _elements(
     logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
     logits_offsets, targets_offsets, upstream_offsets, out_offsets, mask, tile_index,
     lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
-    IS_SPLC: tl.constexpr, MASKED: tl.constexpr,
+    IS_SPLC: tl.constexpr, FOCAL: tl.constexpr, MASKED: tl.constexpr,
     WRITE_ELEMENT_LOSS: tl.constexpr, WRITE_TILE_SUMS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     UPSTREAM_PER_ELEMENT: tl.constexpr,
 ):
@@ -193,8 +210,8 @@ def _elements(
     else:
         x = tl.load(logits_ptr + logits_offsets)
         t = tl.load(targets_ptr + targets_offsets)
-    loss, grad = _element_loss_and_grad(x.to(tl.float32), t > 0.5, lamb, margin, gamma, gamma_log2e, flip_logit,
-                                        IS_SPLC)
+    loss, grad = _element_loss_and_grad(x.to(tl.float32), _is_positive(t), lamb, margin, gamma, gamma_log2e, flip_logit,
+                                        IS_SPLC, FOCAL)
 
     # ---- store
     if WRITE_ELEMENT_LOSS:
@@ -226,6 +243,7 @@ def _multilabel_kernel(
     stride_upstream_row, stride_upstream_col,
     lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
     IS_SPLC: tl.constexpr,
+    FOCAL: tl.constexpr,  # γ != 0 (see _focal_positive): at most two variants, never one per γ
     WRITE_ELEMENT_LOSS: tl.constexpr,  # reduction "none": the (N, C) loss
     WRITE_TILE_SUMS: tl.constexpr,  # "sum"/"mean": one partial sum per program
     WRITE_GRAD: tl.constexpr,
@@ -261,12 +279,12 @@ def _multilabel_kernel(
             _elements(logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
                       offsets, offsets, offsets, offsets, None, pid,
                       lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
-                      IS_SPLC, False, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
+                      IS_SPLC, FOCAL, False, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
         else:
             _elements(logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
                       offsets, offsets, offsets, offsets, offsets < numel - start, pid,
                       lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
-                      IS_SPLC, True, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
+                      IS_SPLC, FOCAL, True, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
     else:
         # Strided inputs: a [BLOCK_ROWS, BLOCK_COLS] tile, both strides of each tensor
         # honoured, int64 offsets (N·C may exceed 2^31).
@@ -283,7 +301,7 @@ def _multilabel_kernel(
                   rows * n_cols + cols,  # the loss and gradient buffers are contiguous
                   mask, pid,
                   lamb, margin, gamma, gamma_log2e, flip_logit, grad_scale,
-                  IS_SPLC, True, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
+                  IS_SPLC, FOCAL, True, WRITE_ELEMENT_LOSS, WRITE_TILE_SUMS, WRITE_GRAD, UPSTREAM_PER_ELEMENT)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -329,6 +347,7 @@ def _launch_elementwise(args, *, element_loss=None, tile_sums=None, grad=None, u
         *(upstream.stride() if upstream is not None and upstream.dim() == 2 else (0, 0)),
         args.lamb, args.margin, args.gamma, args.gamma * fm.LOG2E.value, splc_flip_logit(args), grad_scale,
         IS_SPLC=args.loss == "splc",
+        FOCAL=args.gamma != 0.0,
         WRITE_ELEMENT_LOSS=element_loss is not None,
         WRITE_TILE_SUMS=tile_sums is not None,
         WRITE_GRAD=grad is not None,
