@@ -26,6 +26,7 @@
 namespace mpt {
 
 constexpr float kInf = INFINITY;
+constexpr float kFloatMax = 3.40282347e+38f;  // FLT_MAX
 
 // --------------------------------------------------------------------------- fast primitives
 // On the GPU each is one MUFU instruction, the bare approximation (relative error about

@@ -102,9 +102,12 @@ struct RowLayout {
 };
 
 // --------------------------------------------------------------------------- online log-sum-exp, base 2
-// The running max of values v and Σ exp2(v·scale - shift), shift = the max times scale
-// (0 while the max is -inf, so that exp(-inf - (-inf)) never happens). A NaN is dropped
-// by the max but reaches the sum through its exponential, so it propagates.
+// The running max of values v and Σ exp2(v·scale - shift), shift = the max times scale,
+// at least -FLT_MAX: never -inf, so that exp2(v·scale - shift) is never exp2(-inf + inf)
+// = NaN, neither while the max is -inf (every class masked) nor where a mask of
+// finfo(dtype).min times log2(e)/τ overflows; such classes add exp2(-inf) = 0 (against
+// the row's real max, as in the reference). A NaN is dropped by the max but reaches the
+// sum through its exponential, so it propagates.
 struct Lse2 {
   float max;
   float sum;
@@ -112,7 +115,7 @@ struct Lse2 {
 
 MPT_HD Lse2 lse2_empty() { return {-kInf, 0.0f}; }
 
-MPT_HD float lse2_shift(float max, float scale) { return max == -kInf ? 0.0f : mul_rn(max, scale); }
+MPT_HD float lse2_shift(float max, float scale) { return fmaxf(mul_rn(max, scale), -kFloatMax); }
 
 // Brings the state's sum onto a new maximum, max(state, chunk_max); returns the factor
 // applied (0 while the state was empty) and stores the new shift, which the chunk's

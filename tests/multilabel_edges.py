@@ -13,6 +13,7 @@ backend's tests (a plain helper module; it holds no tests).
   decision is far off (0.33 against 0.08 next to logit(0.6)); compare with rtol 1e-4,
   since a float32 kernel's loss of 3e-37 at x = 28 is 2e-5 off (exp of -56 amplifies
   the rounding of log(1 - p) = -28).
+* ``float32_neighbours(value, count)``: the float32 values around ``value``.
 * ``float_targets(positive, dtype, generator)``: float targets that are > 0.5 exactly
   where ``positive``, with -1 and NaN among the negatives.
 """
@@ -34,18 +35,23 @@ def infinite_logits(device) -> tuple[torch.Tensor, torch.Tensor]:
     return x, positive
 
 
-def splc_threshold_cases() -> list[tuple[float, torch.Tensor]]:
-    """[(τ, float32 logits of negatives, one row)]."""
-    tau = 0.6
-    near = torch.tensor(math.log(tau) - math.log1p(-tau), dtype=torch.float32)
+def float32_neighbours(value: float, count: int) -> torch.Tensor:
+    """The float32 nearest ``value`` and the ``count`` float32 on each side of it, ascending."""
+    near = torch.tensor(value, dtype=torch.float32)
     neighbours = [near]
     for direction in (math.inf, -math.inf):
         x = near
-        for _ in range(6):
+        for _ in range(count):
             x = torch.nextafter(x, torch.tensor(direction, dtype=torch.float32))
             neighbours.append(x)
+    return torch.stack(sorted(neighbours, key=float))
+
+
+def splc_threshold_cases() -> list[tuple[float, torch.Tensor]]:
+    """[(τ, float32 logits of negatives, one row)]."""
+    tau = 0.6
     return [
-        (tau, torch.stack(sorted(neighbours, key=float))[None, :]),
+        (tau, float32_neighbours(math.log(tau) - math.log1p(-tau), 6)[None, :]),
         (0.0, torch.tensor([[-1e4, -200.0, -120.0, -3.0, 0.0, 5.0]])),
         (1.0 - 1e-9, torch.tensor([[19.0, 20.0, 25.0, 28.0]])),  # the losses stay float32-normal
         (1.0, torch.tensor([[1e4, 90.0, 0.0]])),

@@ -36,6 +36,7 @@ from rounding import assert_single_rounding, single_rounding_errors
 from multilabel_edges import (
     float_targets, infinite_logits, splc_negative_losses, splc_threshold_cases,
 )
+from softmax_edges import masked_with_finite_values
 from spec_gradients import away_from_splc_threshold
 
 pytestmark = pytest.mark.gpu
@@ -426,6 +427,22 @@ def test_masked_classes_stay_finite(dtype, c):
     loss, grad = check_against_reference(mk.mpt_loss, z, y, old, new, new_class_bias=2.0, num_old_classes=k,
                                          focus="neg_flip", reduction="none")
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype, c", [(torch.bfloat16, 100), (torch.float32, 100), (torch.bfloat16, 3000),
+                                      (torch.bfloat16, 9000), (torch.float32, 5000)])
+def test_masked_with_finite_values(dtype, c):
+    """Classes masked with finfo(dtype).min, and a student at -inf where the teachers are
+    -1e4 (tests/softmax_edges.py), in a row of few slots, a row in registers and a long
+    row: a finite loss and gradient, as the reference's."""
+    z, old, new, y = softmax_inputs(16, c, c // 2, dtype, 48, ignored=0.0)
+    z, y, old, new = masked_with_finite_values(z, y, old, new, width=32)  # < K: see softmax_edges
+    for tau in (1.0, 5.0):
+        loss, grad = check_against_reference(mk.mpt_loss, z, y, old, new, tau=tau, num_old_classes=c // 2,
+                                             reduction="none", upstream=random_upstream(torch.empty(y.shape, dtype=dtype, device=y.device), 49))
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    loss, _ = check_against_reference(mk.margin_cross_entropy, z, y, reduction="none")
+    assert torch.isfinite(loss).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -43,6 +43,7 @@ from test_cuda_backend import (  # noqa: F401  (collected here as well)
     test_long_rows_from_shared_memory_or_read_twice,
     test_margin_cross_entropy,
     test_masked_classes_stay_finite,
+    test_masked_with_finite_values,
     test_mpt_loss_options,
     test_mpt_loss_shapes,
     test_multilabel_backward_writes_only_elements_whose_upstream_is_not_one,

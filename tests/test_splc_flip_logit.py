@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mpt_kernels._validation import check_hill, check_splc, splc_flip_logit
+from multilabel_edges import float32_neighbours
 
 
 @pytest.mark.parametrize("tau", [0.6, 0.3, 0.5, 0.9, 1e-7, 1 - 1e-7, 0.25 + 2**-30])
@@ -28,15 +29,8 @@ def test_splc_flip_logit_decides_as_sigmoid_above_tau(tau):
     assert torch.tensor(threshold, dtype=torch.float32).item() == threshold  # a float32
     exact = math.log(tau) - math.log1p(-tau)
     assert threshold <= exact
-    near = torch.tensor(threshold, dtype=torch.float32)
-    xs = [near]
-    for direction in (math.inf, -math.inf):
-        x = near
-        for _ in range(4):
-            x = torch.nextafter(x, torch.tensor(direction, dtype=torch.float32))
-            xs.append(x)
-    for x in xs:
-        assert (x.item() > threshold) == (x.item() > exact), (x.item(), threshold, exact)
+    for x in float32_neighbours(threshold, 4).tolist():
+        assert (x > threshold) == (x > exact), (x, threshold, exact)
     assert splc_flip_logit(args(1)) == math.inf  # before change_epoch: never
 
 

@@ -37,6 +37,7 @@ from mpt_kernels.backends import triton_softmax as TS  # noqa: E402
 from mpt_kernels.backends import triton_sum  # noqa: E402
 from rounding import assert_single_rounding  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
+from softmax_edges import masked_with_finite_values  # noqa: E402
 
 # numpy (the interpreter) warns about lanes that are computed and then masked out
 # (-inf - -inf, log 0 on ignored rows); the results are checked below.
@@ -537,6 +538,20 @@ def test_masked_classes(label_smoothing):
     assert torch.isfinite(grad).all()
     if label_smoothing == 0.0:  # with smoothing a masked class still gets -ε/C
         assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_with_finite_values(dtype):
+    """Classes masked with finfo(dtype).min, and a student at -inf where the teachers are
+    -1e4 (tests/softmax_edges.py): a finite loss and gradient, as the reference's."""
+    z, y, old, new = masked_with_finite_values(*make_inputs(101, dtype=dtype, ignore_rows=()), width=2 * SMALL_BLOCK)
+    for tau in (1.0, 5.0):
+        loss, grad = check("mpt_loss", z, y, old, new, tau=tau, num_old_classes=K, reduction="none")
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        loss, _ = check("focal_distillation", z, old, y, tau=tau, reduction="none")
+        assert torch.isfinite(loss).all()
+    loss, _ = check("margin_cross_entropy", z, y, reduction="none")
+    assert torch.isfinite(loss).all()
 
 
 @pytest.mark.parametrize("focus", ["neg_flip", "student_wrong"])

@@ -102,6 +102,7 @@ FOCUS_PARTS = {
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _NEG_INF = tl.constexpr(float("-inf"))
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 # A row's running statistics, per tile row ([ROWS] vectors): what the statistics sweep
@@ -154,6 +155,24 @@ def _tile(start, VEC: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _shift(m, scale):
+    """m·scale, the exponent the exponentials of a running max m are taken against, at
+    least -FLT_MAX: never -inf, so that exp2(x·scale - shift) is never exp2(-inf + inf) =
+    NaN, neither while every class seen is -inf (masked) nor where a mask of
+    finfo(dtype).min times log2(e)/τ overflows. Such classes then add exp2(-inf) = 0
+    (against the row's real max, as the reference's). A NaN logit that max() dropped
+    still reaches l through exp2(NaN - shift), so NaN propagates either way."""
+    return tl.maximum(fm.mul_rn(m, scale), -_FLT_MAX)
+
+
+@triton.jit
+def _rescaled(x, factor):
+    """x * factor, where a factor that underflowed to 0 drops the term, also an infinite
+    one (a KL sum of a student at -inf): its exponentials are all 0 against the new max."""
+    return tl.where(factor == 0.0, 0.0, x * factor)
+
+
+@triton.jit
 def _online_lse(m, l, x, x_max, offset, scale):
     """One block of a per-row online log-sum-exp of ``v = x + offset`` at ``scale`` (base 2).
 
@@ -162,11 +181,8 @@ def _online_lse(m, l, x, x_max, offset, scale):
     and exp2(v·scale - shift) per class.
     """
     m_new = tl.maximum(m, x_max + offset)
-    # While every class seen is -inf (masked), shift by 0 rather than by -inf, so that
-    # exp(-inf - (-inf)) = NaN never happens. A NaN logit that max() dropped still
-    # reaches l through exp2(NaN - shift), so NaN propagates either way.
     # Both shifts rounded alike (fm.mul_rn): the factor is exactly 1 while the max stays.
-    shift = tl.where(m_new == _NEG_INF, 0.0, fm.mul_rn(m_new, scale))
+    shift = _shift(m_new, scale)
     rescale = tl.math.exp2(fm.mul_rn(m, scale) - shift)  # 0 while m = -inf (then l = 0 too)
     e = tl.math.exp2(x * scale + (-shift + offset * scale)[:, None])
     return m_new, l * rescale + tl.sum(e, 1), rescale, e
@@ -177,7 +193,7 @@ def _lse_total(m, l, scale):
     """Combines the rows of _online_lse: (log2 Σ_j exp2(v_j·scale), the row's sum relative
     to its shift, and each tile row's factor onto that shift)."""
     row_max = tl.max(m, 0)
-    shift = tl.where(row_max == _NEG_INF, 0.0, fm.mul_rn(row_max, scale))
+    shift = _shift(row_max, scale)
     factor = tl.math.exp2(fm.mul_rn(m, scale) - shift)  # 0 for a tile row that saw only -inf (l = 0)
     total = tl.sum(l * factor, 0)
     return shift + tl.math.log2(total), total, factor
@@ -242,7 +258,7 @@ def _teacher_stats_step(source, z, r, mask, start, y, kt, IS_KL: tl.constexpr, B
         # Σ exp2(a_j - shift)(r_j - s_j), rescaled with the teacher's running max (times 1/τ
         # later: a - c = (r - s)/τ); a class with p_j = 0 adds 0, also where the student
         # is -inf there too.
-        kl_sum = kl_sum * rescale + tl.sum(tl.where(p == 0.0, 0.0, p * (r - z)), 1)
+        kl_sum = _rescaled(kl_sum, rescale) + tl.sum(tl.where(p == 0.0, 0.0, p * (r - z)), 1)
     else:
         m_a = tl.maximum(m_a, r_max)
         diff = z - r
@@ -311,7 +327,7 @@ def _distill_row(lse2_c, source, width, inv_tau, kt, kl_scale, IS_KL: tl.constex
     its SourceStats."""
     if IS_KL:
         lse2_a, total_a, factor = _lse_total(source.teacher.m, source.teacher.l, kt)
-        kl_total = tl.sum(source.kl * factor, 0)
+        kl_total = tl.sum(_rescaled(source.kl, factor), 0)
         # KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c); ∂/∂s_j = (S/τ)(q_j - p_j)
         d = kl_scale * (inv_tau * kl_total / total_a - (lse2_a - lse2_c) * _LN2)
         return d, lse2_a, kl_scale * inv_tau
@@ -613,7 +629,7 @@ def _store_lse_part(record, FIELD: tl.constexpr, lse, scale):
 def _store_teacher_part(record, FIELD: tl.constexpr, source, kt):
     """One distillation source (SourceStats) of a chunk at FIELD .. FIELD + 4."""
     factor = _store_lse_part(record, FIELD, source.teacher, kt)
-    tl.store(record + FIELD + 2, tl.sum(source.kl * factor, 0))  # onto the teacher's shift, as l
+    tl.store(record + FIELD + 2, tl.sum(_rescaled(source.kl, factor), 0))  # onto the teacher's shift, as l
     tl.store(record + FIELD + 3, tl.sum(source.sq, 0))
     tl.store(record + FIELD + 4, tl.max(source.prefix, 0))
 
