@@ -45,7 +45,10 @@ def fwd_bwd(call, z):
 
 
 def event_time_ms(clock: CudaClock, fn, reps=20) -> float:
-    """Median of CUDA-event times on a cold L2, as the benchmark times its cells."""
+    """Median of CUDA-event times on a cold L2, as the benchmark times its cells, after
+    one untimed call (a first call compiles the Triton kernels)."""
+    fn()
+    clock.sync()
     return statistics.median(clock.time_calls(fn, reps))
 
 

@@ -223,7 +223,7 @@ def test_git_commit_from_the_environment_wins(monkeypatch):
     assert state["source"] in ("git", "unknown (no git repository here)") and state["commit"] != "0123abc"
 
 
-def test_host_bound_cells_are_marked(smoke_run):
+def test_host_bound_cells_are_marked(smoke_run, tmp_path):
     # the CPU smoke run has no host time apart from its measured time (None: no mark);
     # a GPU cell whose launches take most of its event time is marked ʰ, with a legend
     _, _, _, doc, markdown = smoke_run
@@ -236,4 +236,78 @@ def test_host_bound_cells_are_marked(smoke_run):
     assert report.host_bound(ok[0]) and not report.host_bound(ok[1])
     marked = report.to_markdown(doc)
     assert "ʰ marks a host-bound cell" in marked
-    assert marked.count(" ʰ") == 1 + marked.count(" ʰ marks")
+    # the cell, its own speed-ups, and the speed-ups that have it as their baseline
+    own = sum(ok[0].get(f"speedup_vs_{b}") is not None for b in report.BASELINES)
+    dependents = sum(c is not ok[0] and c.get(f"speedup_vs_{ok[0]['provider']}") is not None
+                     and report._key(c, ok[0]["provider"]) == report._key(ok[0]) for c in ok)
+    assert marked.count(" ʰ") == 1 + own + dependents + marked.count(" ʰ marks")
+    # a speed-up against a host-bound baseline compares launch paths: marked too, in the
+    # table and in the terminal summary
+    for cell in doc["cells"]:
+        cell.pop("host_ms", None)
+    fast = next(c for c in ok if c.get("speedup_vs_reference") is not None)
+    baseline = next(c for c in ok if c["provider"] == "reference" and report._key(c) == report._key(fast, "reference"))
+    baseline["host_ms"] = baseline["median_ms"]
+    marked = report.to_markdown(doc)
+    assert marked.count(" ʰ") == 2 + marked.count(" ʰ marks")  # the baseline's cell, the speed-up
+    assert report.speedup_host_bound(fast, baseline) and not report.host_bound(fast)
+    largest = max(c["n"] * c["c"] for c in ok if (c["loss"], c["dtype"], c["mode"]) ==
+                  (fast["loss"], fast["dtype"], fast["mode"]))
+    if fast["n"] * fast["c"] == largest:
+        assert any("eager ʰ" in line for line in report.summary(doc))
+    if importlib.util.find_spec("matplotlib") is not None:  # host-bound points are drawn hollow
+        assert len(report.write_plots(doc, tmp_path, "host-bound")) == 2
+
+
+def test_merge_keeps_a_measured_cell_over_a_later_part_that_did_not_measure_it(smoke_run):
+    _, _, _, doc, _ = smoke_run
+    measured = [cell for cell in doc["cells"] if cell["status"] == "ok"]
+    later = copy.deepcopy(doc)
+    for cell in later["cells"]:
+        cell.update(status="skipped", skip="time", reason="time budget exhausted")
+    for parts in ([doc, later], [later, doc]):
+        merged = report.merge(copy.deepcopy(parts))
+        kept = [cell for cell in merged["cells"] if cell["status"] == "ok"]
+        assert len(kept) == len(measured) > 0
+    # between two measured cells the later part's wins (a re-run replaces a cell)
+    rerun = copy.deepcopy(doc)
+    for cell in rerun["cells"]:
+        cell["median_ms"] = 12345.0
+    merged = report.merge([copy.deepcopy(doc), rerun])
+    assert all(cell["median_ms"] == 12345.0 for cell in merged["cells"] if cell["status"] == "ok")
+
+
+def test_grad_output_reaches_the_backward_and_the_report(smoke_run, tmp_path):
+    """--grad-output G: fwd+bwd backpropagates G (the gradient norm scales by it), the
+    report says so, and runs of different G do not merge."""
+    _, _, _, doc, _ = smoke_run
+    assert doc["settings"]["grad_output"] == 1.0
+    args = ["bench", "--quick", "--device", "cpu", "--provider", "reference", "--loss", "hill_loss",
+            "--mode", "fwd+bwd", "--no-plots", "--grad-output", "0.5", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    half = json.loads(json_path.read_text())
+    assert half["settings"]["grad_output"] == 0.5
+    assert "backward with upstream gradient 0.5" in next(tmp_path.glob("*.md")).read_text()
+    key = lambda cell: (cell["loss"], cell["provider"], cell["n"], cell["c"], cell["dtype"], cell["mode"])  # noqa: E731
+    ones = {key(cell): cell for cell in doc["cells"] if cell["status"] == "ok"}
+    pairs = [(cell, ones[key(cell)]) for cell in half["cells"] if cell["status"] == "ok" and key(cell) in ones]
+    assert pairs
+    for scaled, one in pairs:
+        assert scaled["grad_norm"] == pytest.approx(0.5 * one["grad_norm"], rel=1e-5)
+    with pytest.raises(ValueError, match="upstream gradients"):
+        report.merge([doc, half])
+    with pytest.raises(SystemExit, match="grad-output"):
+        main(args[:-4] + ["--grad-output", "nan"])
+
+
+def test_the_gpu_clock_flushes_the_l2_by_reading():
+    """CudaClock's flush reads its buffer (a sum into a preallocated scalar) and writes
+    nothing else: a written flush leaves dirty lines that the timed call writes back."""
+    from mpt_kernels.bench.timing import CudaClock
+
+    clock = object.__new__(CudaClock)  # its buffers, on the CPU (no device to ask for the L2 size)
+    clock._flush = torch.ones(1000, dtype=torch.int32)
+    clock._flush_sum = torch.empty((), dtype=torch.int32)
+    clock.flush()
+    assert torch.equal(clock._flush, torch.ones(1000, dtype=torch.int32)) and clock._flush_sum.item() == 1000

@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     timing.add_argument("--compile-shapes", choices=("dynamic", "static"), default="dynamic",
                         help="torch.compile with dynamic shapes (one graph per loss, dtype and mode; "
                              "default) or static (one per shape too: slower to compile)")
+    timing.add_argument("--grad-output", type=float, default=1.0, metavar="G",
+                        help="the upstream gradient of the fwd+bwd mode (default 1: loss.backward()). The "
+                             "fused backends make the gradient for 1 in the forward and recompute it in the "
+                             "backward where it is not 1 (GradScaler, a weighted loss): one more read of the "
+                             "inputs and a gradient write, which G = 0.5, say, times")
     timing.add_argument("--seed", type=int, default=0)
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=DEFAULT_OUT,

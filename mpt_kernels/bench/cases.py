@@ -13,6 +13,7 @@ logits written once (the whole ``N x C`` gradient, also where it is zero).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -127,10 +128,16 @@ def _liger_margin_ce(logits: Tensor, target: Tensor) -> Tensor:
     """Mean CE of logits + Δ (Δ = b on the new classes) by Liger's CE kernel. Liger writes
     its gradient into its input, which is the fresh tensor logits + Δ here."""
     liger_cross_entropy, _ = _liger_functions()
-    num_classes = logits.shape[1]
-    bias = torch.zeros(num_classes, dtype=logits.dtype, device=logits.device)
-    bias[old_classes(num_classes):] = NEW_CLASS_BIAS
+    bias = _new_class_bias(logits.shape[1], logits.dtype, logits.device)
     return liger_cross_entropy(logits + bias, target, ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+@functools.lru_cache(maxsize=16)
+def _new_class_bias(num_classes: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Δ = b on the classes >= K, made once per shape (a user builds it once, not per step)."""
+    bias = torch.zeros(num_classes, dtype=dtype, device=device)
+    bias[old_classes(num_classes):] = NEW_CLASS_BIAS
+    return bias
 
 
 def _liger_distillation_sum(student: Tensor, ref: Tensor, target: Tensor, kind: str) -> Tensor:

@@ -11,6 +11,7 @@ import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 DISPLAY_ORDER = ("triton", "cuda", "liger", "compile", "reference")
 BASELINES = ("reference", "compile")
@@ -27,6 +28,11 @@ HOST_BOUND = 0.8
 def host_bound(cell: dict) -> bool:
     host = cell.get("host_ms")
     return host is not None and host >= HOST_BOUND * cell["median_ms"]
+
+
+def speedup_host_bound(cell: dict, baseline: Optional[dict]) -> bool:
+    """A speed-up of two times of which one is host-bound compares launch paths, not kernels."""
+    return host_bound(cell) or (baseline is not None and _ok(baseline) and host_bound(baseline))
 
 
 def _key(cell: dict, provider: str = None) -> tuple:
@@ -97,6 +103,11 @@ def rederive_bytes(doc: dict) -> int:
     return changed
 
 
+def grad_output(doc: dict) -> float:
+    """The fwd+bwd cells' upstream gradient (1 in runs from before it was recorded)."""
+    return doc["settings"].get("grad_output", 1.0)
+
+
 def merge(docs: list) -> dict:
     """One document from the runs of one sweep split over several calls (a GPU lease
     limits each call): the same device, code and settings of compile, every cell of
@@ -107,14 +118,17 @@ def merge(docs: list) -> dict:
         for what, get in (("device", lambda d: d["device"].get("name")), ("commit", lambda d: d["git"].get("commit")),
                           ("source digest", lambda d: d["source_digest"]),
                           ("torch.compile settings", lambda d: d["settings"]["compile"]),
+                          ("upstream gradients", grad_output),
                           ("launch settings", lambda d: d.get("launch_settings"))):
             if get(doc) != get(first):
                 raise ValueError(f"cannot merge runs of different {what}: {get(first)!r} and {get(doc)!r}")
     merged = dict(first)
     cells = {}
-    for doc in docs:
+    for doc in docs:  # a later part's cell replaces an earlier one, but never a measured one by one that is not
         for cell in doc["cells"]:
-            cells[_key(cell)] = cell
+            kept = cells.get(_key(cell))
+            if kept is None or cell["status"] == "ok" or kept["status"] != "ok":
+                cells[_key(cell)] = cell
     merged["cells"] = list(cells.values())
     merged["providers"] = {name: info for doc in docs for name, info in doc["providers"].items()}
     merged["losses"] = {name: info for doc in docs for name, info in doc["losses"].items()}
@@ -221,7 +235,8 @@ def _table(doc: dict, loss: str, mode: str) -> list:
         for p, b in speedups:
             x = by_key.get((loss, n, c, dtype, mode, p))
             value = x.get(f"speedup_vs_{b}") if _ok(x) else None
-            entries.append("" if value is None else f"{value:.3g}×")
+            mark = " ʰ" if value is not None and speedup_host_bound(x, by_key.get((loss, n, c, dtype, mode, b))) else ""
+            entries.append("" if value is None else f"{value:.3g}×{mark}")
         lines.append("| " + " | ".join(entries) + " |")
     return lines
 
@@ -265,9 +280,18 @@ def to_markdown(doc: dict) -> str:
         " ⚠ marks a loss or gradient norm off the eager reference by more than "
         + ", ".join(f"{v:g} ({k})" for k, v in TOLERANCE.items()) + " (relative)"
         + (f"; ʰ marks a host-bound cell: launching its call took at least {HOST_BOUND:.0%} of its time "
-           "(the CPU's Python and launch path decide it, not the kernels)"
-           if any(c.get("host_ms") is not None for c in doc["cells"]) else ""),
-        f"- torch.compile: {'dynamic' if doc['settings']['compile']['dynamic'] else 'static'} shapes, default mode",
+           "(the CPU's Python and launch path decide it, not the kernels), and a speed-up with a host-bound "
+           "side; the plots draw those points hollow"
+           if any(c.get("host_ms") is not None for c in doc["cells"]) else "")
+        + "; the copy both reads and writes, so a forward cell (nearly all reads) may pass 100%",
+        f"- fwd+bwd: backward with upstream gradient {grad_output(doc):g}"
+        + (" (a plain `loss.backward()`): the fused backends make that gradient in the forward; a scaled loss "
+           "(GradScaler, a weight) costs them one more read of the inputs and a gradient write "
+           "(`--grad-output` times it)" if grad_output(doc) == 1.0 else
+           ": the fused backends recompute the gradient in the backward, the eager and compiled reference as always"),
+        f"- torch.compile: {'dynamic' if doc['settings']['compile']['dynamic'] else 'static'} shapes, default mode"
+        + (" (one graph per loss, dtype and mode, its kernels tuned at the first shape it ran, the smallest; "
+           "`--compile-shapes static` compiles and tunes each shape)" if doc["settings"]["compile"]["dynamic"] else ""),
         *(["- launch settings: " + ", ".join(f"{k} = {v}" for k, v in doc["launch_settings"].items())]
           if doc.get("launch_settings") else []),
         f"- wall time {doc.get('elapsed_s') or 0:.0f} s (estimated {doc.get('estimate_s') or 0:.0f} s before the run)",
@@ -309,6 +333,7 @@ def summary(doc: dict) -> list:
     """A few lines for the terminal: each loss, dtype and mode at its largest shape."""
     lines = []
     groups = defaultdict(list)
+    by_key = {_key(c): c for c in doc["cells"]}
     for c in doc["cells"]:
         if _ok(c):
             groups[(c["loss"], c["dtype"], c["mode"])].append(c)
@@ -317,9 +342,9 @@ def summary(doc: dict) -> list:
         parts = []
         for x in sorted((x for x in cells if (x["n"], x["c"]) == (n, c)),
                         key=lambda x: DISPLAY_ORDER.index(x["provider"])):
-            text = f"{x['provider']} {_ms(x['median_ms'])} ms {x['copy_fraction']:.0%}"
-            ups = [f"{x[k]:.3g}x {BASELINE_LABEL[b]}" for b in BASELINES
-                   if (k := f"speedup_vs_{b}") in x and x[k] is not None]
+            text = f"{x['provider']} {_ms(x['median_ms'])} ms {x['copy_fraction']:.0%}" + (" ʰ" if host_bound(x) else "")
+            ups = [f"{x[k]:.3g}x {BASELINE_LABEL[b]}" + (" ʰ" if speedup_host_bound(x, by_key.get(_key(x, b))) else "")
+                   for b in BASELINES if (k := f"speedup_vs_{b}") in x and x[k] is not None]
             parts.append(text + (f" ({', '.join(ups)})" if ups else ""))
         lines.append(f"{loss:<20} {dtype:<4} {mode:<7} N={n:<5} C={c:<6} " + " | ".join(parts))
     counts = defaultdict(int)
@@ -358,11 +383,25 @@ def write_plots(doc: dict, out_dir: Path, stem: str) -> list:
     title_note = "" if doc["gpu_figures"] else " — CPU SMOKE RUN, NOT GPU FIGURES"
     paths = []
 
-    def series(loss, dtype, mode, provider, n, field):
-        """Sorted (C, value) points of one line."""
-        return sorted((c["c"], c[field]) for c in ok
+    by_key = {_key(c): c for c in doc["cells"]}
+
+    def series(loss, dtype, mode, provider, n, field, baseline=None):
+        """Sorted (C, value, host-bound) points of one line (host-bound: the cell, or for a
+        speed-up the cell or its baseline)."""
+        return sorted((c["c"], c[field], speedup_host_bound(c, by_key.get(_key(c, baseline)) if baseline else None))
+                      for c in ok
                       if (c["loss"], c["dtype"], c["mode"], c["provider"], c["n"]) == (loss, dtype, mode, provider, n)
                       and c.get(field) is not None)
+
+    def plot(ax, points, style, color, scale=1.0):
+        """A line through the points; host-bound points hollow."""
+        cs, values, hollow = zip(*points)
+        values = [v * scale for v in values]
+        ax.plot(cs, values, style, color=color)
+        for filled in (True, False):
+            chosen = [(x, v) for x, v, h in zip(cs, values, hollow) if h != filled]
+            if chosen:
+                ax.plot(*zip(*chosen), "o", markersize=3, color=color, markerfacecolor=color if filled else "white")
 
     def figure(title, draw, ylabel, log_y, legend):
         rows, cols = len(losses), len(panels)
@@ -398,15 +437,15 @@ def write_plots(doc: dict, out_dir: Path, stem: str) -> list:
             for n in n_values:
                 points = series(loss, dtype, mode, provider, n, "bytes_per_s")
                 if points:
-                    cs, values = zip(*points)
-                    ax.plot(cs, [v / 1e9 for v in values], n_styles[n], marker="o", markersize=3,
-                            color=colors[provider])
+                    plot(ax, points, n_styles[n], colors[provider], scale=1e-9)
         ax.axhline(copy_gbps, color="grey", linewidth=0.8, linestyle="--")
         ax.set_ylim(bottom=0)
 
+    hollow = ([Line2D([], [], color="black", marker="o", markersize=3, markerfacecolor="white", linestyle="",
+                      label="host-bound")] if any(host_bound(c) for c in ok) else [])
     legend = ([Line2D([], [], color=colors[p], marker="o", markersize=3, label=p) for p in providers]
               + [Line2D([], [], color="black", linestyle=n_styles[n], label=f"N={n}") for n in n_values]
-              + [Line2D([], [], color="grey", linestyle="--", label=f"copy {copy_gbps:.0f} GB/s")])
+              + [Line2D([], [], color="grey", linestyle="--", label=f"copy {copy_gbps:.0f} GB/s")] + hollow)
     save(figure("Minimum bytes / median time (GB/s) vs C", draw_bandwidth, "GB/s", False, legend), "bandwidth")
 
     # speed-ups at the largest N: colour = provider, line style = baseline
@@ -417,9 +456,9 @@ def write_plots(doc: dict, out_dir: Path, stem: str) -> list:
     def draw_speedup(ax, loss, dtype, mode):
         for provider in providers:
             for baseline, style in baseline_styles.items():
-                points = series(loss, dtype, mode, provider, n_max, f"speedup_vs_{baseline}")
+                points = series(loss, dtype, mode, provider, n_max, f"speedup_vs_{baseline}", baseline)
                 if points:
-                    ax.plot(*zip(*points), style, marker="o", markersize=3, color=colors[provider])
+                    plot(ax, points, style, colors[provider])
         ax.axhline(1.0, color="grey", linewidth=0.8)
 
     fast = [p for p in providers if p != "reference"]
@@ -428,6 +467,6 @@ def write_plots(doc: dict, out_dir: Path, stem: str) -> list:
         return paths
     legend = ([Line2D([], [], color=colors[p], marker="o", markersize=3, label=p) for p in fast]
               + [Line2D([], [], color="black", linestyle=style, label=f"against {BASELINE_LABEL[b]}")
-                 for b, style in baseline_styles.items()])
+                 for b, style in baseline_styles.items()] + hollow)
     save(figure(f"Speed-up vs C at N={n_max}", draw_speedup, "speed-up (x)", True, legend), "speedup")
     return paths

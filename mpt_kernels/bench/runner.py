@@ -57,6 +57,8 @@ def resolve(args) -> dict:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("mpt-kernels bench: --device cuda, but torch sees no CUDA device")
     gpu = device.type == "cuda"
+    if not math.isfinite(args.grad_output):
+        raise SystemExit(f"mpt-kernels bench: --grad-output must be finite, got {args.grad_output}")
     if not gpu and not args.quick and not (args.n and args.c):
         raise SystemExit(
             "mpt-kernels bench: no CUDA device here. The full sweep needs a GPU; "
@@ -87,6 +89,7 @@ def resolve(args) -> dict:
         "probes": probes,
         "budget_s": args.budget_s,
         "compile_dynamic": args.compile_shapes == "dynamic",
+        "grad_output": args.grad_output,
         "seed": args.seed,
     }
 
@@ -105,8 +108,10 @@ def _cell_record(case: LossCase, n: int, c: int, dtype: str, mode: str, provider
     return record
 
 
-def _make_step(loss_fn, inputs: dict, mode: str):
-    """A call of the loss that returns (loss, gradient of the logits or None)."""
+def _make_step(loss_fn, inputs: dict, mode: str, grad_output: float = 1.0):
+    """A call of the loss that returns (loss, gradient of the logits or None); fwd+bwd
+    backpropagates the upstream gradient ``grad_output`` (a tensor made at the first,
+    untimed, call)."""
     logits = inputs["logits"]
     # the logits go in once, as the argument (no aliased second copy for torch.compile to guard)
     others = {name: tensor for name, tensor in inputs.items() if name != "logits"}
@@ -116,10 +121,13 @@ def _make_step(loss_fn, inputs: dict, mode: str):
                 return loss_fn(logits, others), None
         return step
     leaf = logits.detach().requires_grad_(True)
+    upstream = []
 
     def step():
         loss = loss_fn(leaf, others)
-        (grad,) = torch.autograd.grad(loss, leaf)
+        if not upstream:
+            upstream.append(torch.full_like(loss, grad_output))
+        (grad,) = torch.autograd.grad(loss, leaf, upstream[0])
         return loss, grad
     return step
 
@@ -207,7 +215,8 @@ class Sweep:
             log(f"  provider {name:<9} " + ("available" if status["available"] else f"unavailable: {status['reason']}"))
         runnable, not_applicable = self._planned_cells(provider_status)
         self.cells.extend(not_applicable)
-        flush_ms = (self.clock.flush_bytes / copy["bytes_per_s"] * 2e3) if self.clock.flush_bytes else 0.0
+        # the flush reads its buffer: about the time a copy takes per byte moved
+        flush_ms = (self.clock.flush_bytes / copy["bytes_per_s"] * 1e3) if self.clock.flush_bytes else 0.0
         planner = Planner(runnable, gpu=gpu, copy_bytes_per_s=copy["bytes_per_s"], flush_ms=flush_ms,
                           rep_ms=s["rep_ms"], min_reps=s["min_reps"], max_reps=s["max_reps"],
                           untimed_calls=2 + s["probes"], compile_dynamic=s["compile_dynamic"])
@@ -307,7 +316,7 @@ class Sweep:
                               target_element_bytes=target_bytes(case, inputs))
         if cell.provider == "liger":
             record["note"] = case.liger_note
-        step = _make_step(loss_fn, inputs, cell.mode)
+        step = _make_step(loss_fn, inputs, cell.mode, s["grad_output"])
         try:
             timing = measure(step, self.clock, rep_ms=rep_ms, min_reps=s["min_reps"], max_reps=s["max_reps"],
                              probes=s["probes"])
@@ -383,7 +392,7 @@ class Sweep:
                 "sweep": s["sweep"], "losses": s["cases"], "providers": s["providers"], "dtypes": s["dtypes"],
                 "modes": s["modes"], "n": s["n"], "c": s["c"], "old_classes": "K = C // 2",
                 "rep_ms": s["rep_ms"], "min_reps": s["min_reps"], "max_reps": s["max_reps"],
-                "budget_s": s["budget_s"], "seed": s["seed"],
+                "budget_s": s["budget_s"], "seed": s["seed"], "grad_output": s["grad_output"],
                 "cpu_threads": None if s["gpu"] else torch.get_num_threads(),
                 "compile": {"dynamic": s["compile_dynamic"], "mode": "default"},
             },
