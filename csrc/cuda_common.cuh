@@ -52,6 +52,7 @@ inline void check_cuda(cudaError_t status, const char* what) {
 // The static cudart keeps its own current device, separate from torch's: set it for
 // every entry point, so that tensors on cuda:1 run on cuda:1.
 inline cudaStream_t enter_device(const Launch& launch) {
+  (void)cudaGetLastError();  // an earlier call's failure, already raised: not this call's
   MPT_CUDA_CHECK(cudaSetDevice(launch.device));
   return reinterpret_cast<cudaStream_t>(launch.stream);
 }

@@ -153,6 +153,11 @@ def define_loss_ops(
         num_inputs = len(ctx.other_inputs)
         if grad_loss is None:  # grads are not materialised (setup_context): no gradient flowed
             return (None,) * num_inputs
+        if not ctx.other_inputs[-1]:  # needs_grad
+            # The logits did not need a gradient, so the forward saved nothing for one; the
+            # loss still requires one where a constant input does (a class_bias or teacher
+            # that requires grad), which gets none (spec: they are constants), as in eager.
+            return (None,) * num_inputs
         claim_backward(ctx)
         tensors = ctx.saved_tensors
         saved, input_tensors = list(tensors[: ctx.num_saved]), tensors[ctx.num_saved :]

@@ -126,6 +126,18 @@ def sync_checks_enabled() -> bool:
     return os.environ.get("MPT_KERNELS_SYNC_CHECKS", "0") not in ("", "0")
 
 
+# The fused kernels index a row's classes in 32 bits, with room for one block (4096 in
+# the CUDA forward's zero fill, a Triton block) past the end.
+MAX_KERNEL_CLASSES = 2**31 - 2**16
+
+
+def check_kernel_classes(backend: str, num_classes: int) -> None:
+    """A softmax-family row the fused kernels can index (a 2^31-class row is 4 GiB and more)."""
+    if num_classes > MAX_KERNEL_CLASSES:
+        raise ValueError(f"the {backend} backend takes at most {MAX_KERNEL_CLASSES} classes per row, "
+                         f"got {num_classes}")
+
+
 def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Every target is ``ignore_index`` or a class in [0, num_classes).
 
@@ -287,7 +299,13 @@ def check_softmax_family(
     focus = check_choice("focus", focus, FOCUS_MODES)
     reduction = check_choice("reduction", reduction, SOFTMAX_REDUCTIONS)
     scale_by_tau_sq = check_bool("scale_by_tau_sq", scale_by_tau_sq)
-    ignore_index = check_int("ignore_index", ignore_index, low=-(2**63), high=2**63 - 1)  # int64
+    # in the targets' range: torch compares an int32 target with ignore_index modulo 2^32
+    # (so 2^32 - 100 would ignore -100), the kernels exactly
+    ignore_index = check_int("ignore_index", ignore_index)
+    target_range = torch.iinfo(target.dtype)
+    if not target_range.min <= ignore_index <= target_range.max:
+        raise ValueError(f"ignore_index must fit the target's dtype {target.dtype} "
+                         f"([{target_range.min}, {target_range.max}]), got {ignore_index}")
     tau = check_float("tau", tau, low=0.0, low_open=True)
     alpha = check_float("alpha", alpha, low=0.0)
     beta = check_float("beta", beta, low=0.0)

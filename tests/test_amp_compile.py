@@ -195,6 +195,28 @@ def test_compile_fullgraph(loss_name, backend):
     assert_compiled_equals_eager(loss_name, backend, COMPILER)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_where_only_a_constant_input_requires_grad(backend):
+    """A frozen student's logits, with a class_bias and a teacher that require grad: the
+    loss requires grad (through those inputs), its backward runs and gives them none
+    (spec: constants), as in eager mode; the forward made no gradient of the logits."""
+    torch.manual_seed(5)
+    logits = torch.randn(N, C, device=DEVICE)
+    target = torch.randint(0, C, (N,), device=DEVICE)
+    old = torch.randn(N, K, device=DEVICE, requires_grad=True)
+    class_bias = torch.randn(C, device=DEVICE, requires_grad=True)
+
+    def step(logits, target, old, class_bias):
+        return mpt_kernels.mpt_loss(logits, target, old, class_bias=class_bias, backend=backend)
+
+    loss = torch.compile(step, backend=COMPILER, fullgraph=True)(logits, target, old, class_bias)
+    eager = step(logits, target, old, class_bias)
+    torch.testing.assert_close(loss.detach(), eager.detach(), rtol=2e-5, atol=1e-6)
+    assert loss.requires_grad
+    loss.backward()
+    assert old.grad is None and class_bias.grad is None
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU every compile case uses inductor")
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
 def test_compile_inductor_triton_on_cpu():

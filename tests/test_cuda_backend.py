@@ -30,7 +30,7 @@ import inspect
 import mpt_kernels as mk
 from mpt_kernels import reference
 from mpt_kernels._registry import select_backend
-from mpt_kernels._validation import check_splc
+from mpt_kernels._validation import MAX_KERNEL_CLASSES, check_splc
 from mpt_kernels.backends import cuda as cuda_backend
 from rounding import assert_single_rounding, single_rounding_errors
 from multilabel_edges import (
@@ -427,6 +427,16 @@ def test_masked_classes_stay_finite(dtype, c):
     loss, grad = check_against_reference(mk.mpt_loss, z, y, old, new, new_class_bias=2.0, num_old_classes=k,
                                          focus="neg_flip", reduction="none")
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+def test_rows_too_long_for_32_bit_columns_are_refused():
+    """An expanded row (no memory behind it) past the kernels' 32-bit column range: a
+    clear error before anything is copied or launched."""
+    too_long = MAX_KERNEL_CLASSES + 1
+    z = torch.zeros(2, 1, device=DEVICE).expand(2, too_long)
+    y = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=f"cuda backend takes at most {MAX_KERNEL_CLASSES} classes per row"):
+        mk.margin_cross_entropy(z, y, backend=BACKEND)
 
 
 @pytest.mark.parametrize("dtype, c", [(torch.bfloat16, 100), (torch.float32, 100), (torch.bfloat16, 3000),

@@ -58,6 +58,7 @@ from test_cuda_backend import (  # noqa: F401  (collected here as well)
     test_out_of_range_target_poisons_its_row_without_reading_out_of_bounds,
     test_poisoned_gradient_buffer,
     test_reduction_none_with_random_upstream,
+    test_rows_too_long_for_32_bit_columns_are_refused,
     test_scaled_backward_rounds_once,
     test_second_backward_is_an_error,
     test_shared_row_bytes_must_be_none_or_a_count,

@@ -38,6 +38,7 @@ from mpt_kernels.backends import triton_sum  # noqa: E402
 from rounding import assert_single_rounding  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
 from softmax_edges import masked_with_finite_values  # noqa: E402
+from mpt_kernels._validation import MAX_KERNEL_CLASSES  # noqa: E402
 
 # numpy (the interpreter) warns about lanes that are computed and then masked out
 # (-inf - -inf, log 0 on ignored rows); the results are checked below.
@@ -538,6 +539,16 @@ def test_masked_classes(label_smoothing):
     assert torch.isfinite(grad).all()
     if label_smoothing == 0.0:  # with smoothing a masked class still gets -ε/C
         assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
+
+
+def test_rows_too_long_for_32_bit_columns_are_refused():
+    # an expanded row (no memory behind it) past the kernels' 32-bit column range: a clear
+    # error before anything is copied or launched
+    too_long = MAX_KERNEL_CLASSES + 1
+    z = torch.zeros(2, 1, device=DEVICE).expand(2, too_long)
+    y = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=f"triton backend takes at most {MAX_KERNEL_CLASSES} classes per row"):
+        mpt_kernels.margin_cross_entropy(z, y, backend="triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

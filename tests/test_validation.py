@@ -157,6 +157,21 @@ def test_ignore_index_is_not_out_of_range(name, namespace):
     expect_error(call, namespace, ValueError, r"found -100", target=target, ignore_index=-3)
 
 
+@pytest.mark.parametrize("namespace", list(NAMESPACES))
+@pytest.mark.parametrize("name", list(SOFTMAX_CALLS))
+def test_ignore_index_must_fit_the_target_dtype(name, namespace):
+    # torch compares an int32 target with 2^32 - 100 modulo 2^32 (it would ignore -100),
+    # the kernels exactly: such an ignore_index is refused rather than read two ways
+    call = SOFTMAX_CALLS[name]
+    target = make_inputs()["target"].to(torch.int32)
+    target[1] = -100
+    expect_error(call, namespace, ValueError, r"ignore_index must fit the target's dtype torch.int32",
+                 target=target, ignore_index=2**32 - 100)
+    assert torch.isfinite(call(NAMESPACES[namespace], target=target, ignore_index=-100))
+    target[1] = 0  # int64 targets take any int64 ignore_index
+    assert torch.isfinite(call(NAMESPACES[namespace], target=target.long(), ignore_index=2**40))
+
+
 def test_target_value_check_with_named_reference_backend():
     target = make_inputs()["target"]
     target[0] = C

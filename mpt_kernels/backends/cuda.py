@@ -28,9 +28,11 @@ from typing import Optional
 
 import torch
 
-from .._custom_op import define_loss_ops
+from .._custom_op import _inputs_device, define_loss_ops
 from .._registry import Backend, register_backend
-from .._validation import HALF_AND_SINGLE, MultiLabelLossArgs, SoftmaxLossArgs, check_target_values, splc_flip_logit
+from .._validation import (
+    HALF_AND_SINGLE, MultiLabelLossArgs, SoftmaxLossArgs, check_kernel_classes, check_target_values, splc_flip_logit,
+)
 
 try:
     _C = importlib.import_module("._C", __package__.rpartition(".")[0])  # mpt_kernels._C
@@ -45,7 +47,6 @@ else:
     EXTENSION_ERROR = None
 
 _INT64_RANGE = (-(2**63), 2**63 - 1)
-_MAX_CLASSES = 2**31 - 1  # column indices are 32-bit in the kernels
 
 # Shared memory (bytes per row) in which the softmax forward with gradient may keep a
 # long row's first chunks between its statistics and gradient sweeps, so that they are
@@ -69,11 +70,6 @@ def _launch(device: torch.device) -> dict:
 
 def _address(tensor: Optional[torch.Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
-
-
-def _check_classes(num_classes: int) -> None:
-    if num_classes > _MAX_CLASSES:
-        raise ValueError(f"the cuda backend takes at most {_MAX_CLASSES} classes, got {num_classes}")
 
 
 # --------------------------------------------------------------------------- softmax family
@@ -109,9 +105,9 @@ def ignore_index_arguments(ignore_index: int) -> dict:
 def softmax_inputs(args: SoftmaxLossArgs):
     """What the softmax kernels read, as ``_C.SoftmaxInputs``, and the tensors behind its
     addresses (copies among them), which the caller keeps alive through the launch."""
+    check_kernel_classes("cuda", args.logits.shape[1])  # before any copy
     logits = _with_unit_column_stride(args.logits)
     num_rows, num_classes = logits.shape
-    _check_classes(num_classes)
     row = softmax_row_params(args)
     old = _with_unit_column_stride(args.old_logits) if row.has_old else None
     new = _with_unit_column_stride(args.new_logits) if row.has_new else None
@@ -179,8 +175,9 @@ def softmax_forward_plan(args: SoftmaxLossArgs, needs_grad: bool = True) -> dict
     kept in shared memory between its sweeps, dynamic shared memory per block), as it
     would launch now: for tests and profiles."""
     inputs, _ = softmax_inputs(args)
-    return _C.softmax_forward_plan(inputs=inputs, with_grad=needs_grad, shared_row_bytes=_shared_row_bytes(),
-                                   device=_launch(args.logits.device)["device"])
+    with _inputs_device(args.logits):  # _C selects the device itself (see _inputs_device)
+        return _C.softmax_forward_plan(inputs=inputs, with_grad=needs_grad, shared_row_bytes=_shared_row_bytes(),
+                                       device=_launch(args.logits.device)["device"])
 
 
 def _softmax_saved(args: SoftmaxLossArgs, needs_grad: bool) -> list:
