@@ -2,8 +2,9 @@
 
 Hypothesis draws the structure of a case (which public function, N including 0 and 1,
 C including 1, C_old from 1 to C, the logits' dtype, every option and reduction,
-ignored rows, -inf class masks, exact argmax ties, ±1e4 logits, τ from 1e-3 to 1e3, the
-upstream gradient) and a seed for the tensor values; each backend that can run on the
+ignored rows, class masks of -inf or of the dtype's most negative number, exact argmax
+ties, ±1e4 logits, τ from 1e-3 to 1e3, the upstream gradient; multi-label targets of
+every dtype, -1 and NaN among the float negatives) and a seed for the tensor values; each backend that can run on the
 test device (``registered_backends()`` filtered by ``unavailable_reason``: on a CPU,
 "reference" through its custom operator and "triton" in the interpreter) must give the
 loss and the gradient of the pure reference (``mpt_kernels.reference``) within the
@@ -62,6 +63,7 @@ from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
 from mpt_kernels.backends import triton_sum  # noqa: E402
 from mpt_kernels.backends import triton_softmax as TS  # noqa: E402
 from cuda_emulation import installed_without_gpu  # noqa: E402
+from multilabel_edges import float_targets  # noqa: E402
 from spec_gradients import (  # noqa: E402
     class_offsets,
     focal_case,
@@ -173,10 +175,12 @@ def assert_matches(actual, expected, atol, dtype, what):
 
 
 def finite_abs_max(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise max of |x| over the finite entries (0 for an empty or all-masked row)."""
+    """Row-wise max of |x| over the finite entries that are not masks (-inf, or a finite
+    mask value such as finfo(dtype).min: below -1e37; probability 0, no term's size);
+    0 for an empty or all-masked row."""
     if x.shape[1] == 0:
         return x.new_zeros(x.shape[0])
-    return torch.where(torch.isfinite(x), x.abs(), 0.0).amax(dim=1)
+    return torch.where(torch.isfinite(x) & (x > -1e37), x.abs(), 0.0).amax(dim=1)
 
 
 def upstream_gradient(out: torch.Tensor, choice, generator: torch.Generator) -> torch.Tensor:
@@ -252,6 +256,7 @@ def softmax_cases(draw):
         extreme_fraction=draw(EXTREME_FRACTIONS),
         ties=draw(st.booleans()),
         mask_fraction=draw(st.sampled_from([0.0, 0.0, 0.2, 0.6])),
+        mask_value=draw(st.sampled_from(["-inf", "-inf", "dtype_min"])),
         small_blocks=draw(st.booleans()),
         upstream=draw(st.sampled_from([1.0, 0.37, -2.5, 1e-3])),
     )
@@ -324,15 +329,17 @@ def build_softmax_inputs(case, options):
         plant_ties(new, c, g)
     lm_terms = options.get("kind") == "lm" and case["sources"]
     if case["mask_fraction"] > 0 and not lm_terms:
-        # -inf on classes other than the target and class 0 (a row keeps a finite teacher
+        # -inf, or the dtype's most negative number (times log2(e)/τ it overflows float32),
+        # on classes other than the target and class 0 (a row keeps a finite teacher
         # class), the same classes in every model: probability 0 everywhere, finite KL
         masked = torch.rand(n, c, generator=g) < case["mask_fraction"]
         masked[:, 0] = False
         valid = (y >= 0) & (y < c)
         masked[valid.nonzero().flatten(), y[valid]] = False
-        z = z.masked_fill(masked, -math.inf)
-        new = new.masked_fill(masked, -math.inf)
-        old = old.masked_fill(masked[:, :k], -math.inf)
+        value = torch.finfo(dtype).min if case.get("mask_value") == "dtype_min" else -math.inf
+        z = z.masked_fill(masked, value)
+        new = new.masked_fill(masked, value)
+        old = old.masked_fill(masked[:, :k], value)
     bias = None
     if "bias_dtype" in case:
         bias = (torch.randn(c, generator=g, dtype=torch.float64) * 2).to(case["bias_dtype"]).to(DEVICE)
@@ -446,6 +453,13 @@ def softmax_tolerances(args, upstream):
      dict(reduction="sum", ignore_index=-1, kind="kl", tau=1e-3, alpha=1.0, beta=5.0, focus="neg_flip",
           scale_by_tau_sq=False))
 )
+@example(  # masks of the dtype's most negative number at τ = 1, both sources
+    (dict(fn="mpt_loss", n=5, c=40, k=25, dtype=torch.bfloat16, target_dtype=torch.int64, seed=3,
+          ignore_index=-100, ignored_rows="some", extreme_fraction=0.0, ties=False, mask_fraction=0.6,
+          mask_value="dtype_min", small_blocks=True, upstream=0.37, sources={"old", "new"}),
+     dict(reduction="none", ignore_index=-100, kind="kl", tau=1.0, alpha=1.0, beta=5.0, focus="neg_flip",
+          scale_by_tau_sq=False, label_smoothing=0.0, ce_weight=1.0, old_weight=None, new_weight=None))
+)
 def test_softmax_family_matches_reference(case_and_options):
     case, options = case_and_options
     z, target, old, new, bias = build_softmax_inputs(case, options)
@@ -535,17 +549,14 @@ def build_multilabel_inputs(case, options):
         hit = torch.rand(x.shape, generator=g) < case["extreme_fraction"]
         sign = torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0).to(x.dtype)
         x = torch.where(hit, EXTREME * sign, x)
-    # targets of every accepted dtype, > 0.5 exactly where positive (0.5 itself is negative)
+    # targets of every accepted dtype, > 0.5 exactly where positive (0.5, -1 and NaN are negatives)
     t = case["target_dtype"]
     if t == torch.bool:
         targets = positive
     elif t == torch.uint8:
         targets = positive.to(torch.uint8) * torch.randint(1, 3, positive.shape, generator=g, dtype=torch.uint8)
     else:
-        pick = torch.randint(0, 3, positive.shape, generator=g)
-        high = torch.tensor([0.5625, 0.75, 1.0])[pick]
-        low = torch.tensor([0.0, 0.25, 0.5])[pick]
-        targets = torch.where(positive, high, low).to(t)
+        targets = float_targets(positive, t, g)
     return x.to(case["dtype"]).to(DEVICE), targets.to(DEVICE)
 
 
