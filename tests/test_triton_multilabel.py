@@ -599,6 +599,7 @@ def test_gpu_no_recompile_on_new_epoch_or_parameters():
 
     step("splc", epoch=0)
     step("hill")
+    step("hill", gamma=0.0)  # FOCAL = (γ != 0): the second and last variant γ can make
     before = [compiled_variants(k) for k in kernels]
     for epoch in (1, 2, 3, 16, 17, 100):
         step("splc", epoch=epoch, tau=0.5 + epoch / 1000, margin=epoch / 10, gamma=epoch % 3 + 0.5)
