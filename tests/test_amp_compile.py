@@ -94,7 +94,7 @@ def small_blocks(request, monkeypatch):
         from mpt_kernels.backends import triton_softmax as TS
 
         monkeypatch.setattr(TS, "block_size_override", 16)
-        monkeypatch.setattr(TM, "tile_shape", lambda n_rows, n_cols: (4, 16))
+        monkeypatch.setattr(TM, "tile_shape", lambda n_cols: (4, 16))
         monkeypatch.setattr(triton_sum, "BLOCK", 16)
 
 

@@ -45,7 +45,7 @@ def small_blocks(monkeypatch):
         from mpt_kernels.backends import triton_sum
 
         monkeypatch.setattr(TS, "block_size_override", 16)
-        monkeypatch.setattr(TM, "tile_shape", lambda n_rows, n_cols: (2, 16))
+        monkeypatch.setattr(TM, "tile_shape", lambda n_cols: (2, 16))
         monkeypatch.setattr(triton_sum, "BLOCK", 4)
 
 

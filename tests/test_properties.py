@@ -217,7 +217,7 @@ class SmallBlocks:
         if self.enabled:
             TS.block_size_override = 16
             TS.chunk_classes, TS.lag_override = 32, 1
-            TM.tile_shape = lambda n_rows, n_cols: (2, 16)
+            TM.tile_shape = lambda n_cols: (2, 16)
             triton_sum.BLOCK = 4
         return self
 

@@ -52,7 +52,7 @@ N, C = 5, 37
 def small_blocks(request, monkeypatch):
     """Tiny tiles and flat blocks under the interpreter (not for the GPU tests)."""
     if request.node.get_closest_marker("gpu") is None and "default_blocks" not in request.node.name:
-        monkeypatch.setattr(TM, "tile_shape", lambda n_rows, n_cols: (2, 16))
+        monkeypatch.setattr(TM, "tile_shape", lambda n_cols: (2, 16))
         monkeypatch.setattr(triton_sum, "BLOCK", 4)
 
 
@@ -505,7 +505,7 @@ MODES = [  # (flat, splc, element loss, tile sums, grad, scalar upstream, upstre
     (True, True, False, True, True, False, False, False),  # forward of "sum" with the gradient, γ = 0
 ]
 for flat, splc, element_loss, tile_sums, grad, scalar, per_element, focal in MODES:
-    block_rows, block_cols = (1, 4096) if flat else TM.tile_shape(4096, 1000)
+    block_rows, block_cols = (1, 4096) if flat else TM.tile_shape(1000)
     types = dict(logits_ptr="*bf16", targets_ptr="*u8", upstream_ptr="*bf16", loss_ptr="*fp32", grad_ptr="*bf16",
                  numel="i64", **{name: "fp32" for name in FLOATS})
     # freshly allocated tensors are 16-byte aligned, and N·C is a multiple of 16 here

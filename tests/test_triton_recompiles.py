@@ -11,8 +11,9 @@ How, without a GPU: a fresh process defines the kernels for the compiler (not th
 interpreter), replaces ``JITFunction.run`` by a recorder, and runs each loss forward and
 backward through the public API on CPU tensors (the backend's device check is told the
 interpreter is on; no kernel runs). For each launch it asks Triton's own binder for the
-key the JIT would compile under, for an sm_90 target. Batch sizes below 4 are left out:
-there the multi-label tile is smaller than 4096 elements by design (``tile_shape``).
+key the JIT would compile under, for an sm_90 target. Batch sizes from 1 up, and a class
+count below the multi-label tile's width (C = 80: a small batch then has fewer rows than
+a tile, which the tile masks rather than shrinks).
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ def softmax_step(n, c, reduction):
     return step
 
 
-def multilabel_step(loss_fn, n, c, reduction, **params):
+def multilabel_step(loss_fn, n, c, reduction, strided=False, **params):
     def step():
         g = torch.Generator().manual_seed(n)
-        logits = torch.randn(n, c, generator=g, dtype=torch.bfloat16, requires_grad=True)
+        logits = torch.randn(n, c, generator=g, dtype=torch.bfloat16)
+        logits = (logits.t().contiguous().t() if strided else logits).requires_grad_(True)
         targets = torch.rand(n, c, generator=g) > 0.5
         loss = loss_fn(logits, targets, reduction=reduction, backend="triton", **params)
         loss.backward(torch.full_like(loss, 2.0))
@@ -75,14 +77,17 @@ def multilabel_step(loss_fn, n, c, reduction, **params):
 
 
 cases = {}
-for c in (1000, 1024):
+for c in (80, 1000, 1024):
     for reduction in ("mean", "none"):
         cases[f"mpt_loss C={c} {reduction}"] = {n: compiled_keys(softmax_step(n, c, reduction))
-                                              for n in (4, 5, 16, 17, 1000)}
+                                              for n in (1, 2, 5, 16, 17, 1000)}
     cases[f"hill_loss C={c} sum"] = {n: compiled_keys(multilabel_step(mpt_kernels.hill_loss, n, c, "sum"))
-                                     for n in (4, 5, 16, 1000)}
+                                     for n in (1, 2, 5, 16, 1000)}
     cases[f"splc_loss C={c} mean"] = {n: compiled_keys(multilabel_step(mpt_kernels.splc_loss, n, c, "mean", epoch=3))
-                                      for n in (4, 5, 16, 1000)}
+                                      for n in (1, 2, 5, 16, 1000)}
+    # transposed logits, column stride N: the 2-D tiles (from N = 2: one row is contiguous)
+    cases[f"hill_loss C={c} none strided"] = {
+        n: compiled_keys(multilabel_step(mpt_kernels.hill_loss, n, c, "none", strided=True)) for n in (2, 5, 16, 1000)}
 print(json.dumps(cases))
 print("recorded")
 '''
@@ -94,9 +99,9 @@ def compiled_keys() -> dict:
     return json.loads(run_without_interpreter(SCRIPT, "recorded").splitlines()[-2])
 
 
-CASES = [f"{loss} C={c} {reduction}" for c in (1000, 1024)
+CASES = [f"{loss} C={c} {reduction}" for c in (80, 1000, 1024)
          for loss, reduction in (("mpt_loss", "mean"), ("mpt_loss", "none"), ("hill_loss", "sum"),
-                                 ("splc_loss", "mean"))]
+                                 ("splc_loss", "mean"), ("hill_loss", "none strided"))]
 
 
 @pytest.mark.parametrize("case", CASES)

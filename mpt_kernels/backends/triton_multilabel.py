@@ -3,8 +3,10 @@
 One elementwise kernel computes, in one pass over the logits and the targets, the loss
 of every element and its derivative; the two losses share the sigmoid / log-sigmoid
 and focal-factor pieces (the ``@triton.jit`` helpers below) and differ only in the
-negative branch (a ``tl.constexpr`` picks Hill or SPLC: two specialisations). Every
-hyper-parameter is a runtime argument: a new epoch, λ, margin, γ or τ never recompiles.
+negative branch (a ``tl.constexpr`` picks Hill or SPLC, and ``FOCAL`` whether γ != 0:
+four specialisations). Every hyper-parameter value is a runtime argument: a new epoch,
+λ, margin, τ or non-zero γ never recompiles (γ = 0 and γ != 0 are two variants), and
+neither does a new batch size (the tile does not depend on N).
 
 Layout: the kernel works on 2-D tiles ``[BLOCK_ROWS, BLOCK_COLS]`` of the (N, C) inputs
 and honours both strides of the logits, of the targets and of the upstream gradient (a
@@ -56,12 +58,13 @@ TILE_ELEMENTS = 4096  # elements per program of the elementwise kernel
 TILE_WARPS = None  # warps per program; None: one per 512 elements, at most 8
 
 
-def tile_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
+def tile_shape(n_cols: int) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_COLS): a power-of-two tile of about TILE_ELEMENTS elements,
-    as wide as the rows allow (contiguous columns make coalesced accesses)."""
+    as wide as the rows allow (contiguous columns make coalesced accesses). It does not
+    depend on the number of rows (a small batch masks the rows it lacks), so that a batch
+    of another size compiles nothing new."""
     block_cols = min(triton.next_power_of_2(max(n_cols, 1)), TILE_ELEMENTS)
-    block_rows = min(triton.next_power_of_2(max(n_rows, 1)), max(TILE_ELEMENTS // block_cols, 1))
-    return block_rows, block_cols
+    return max(TILE_ELEMENTS // block_cols, 1), block_cols
 
 
 def _num_warps(block_elements: int) -> int:
@@ -233,8 +236,11 @@ def _elements(
 
 # n_rows and numel follow the batch size: not specialised on, so that a last batch of
 # another size compiles nothing (full flat tiles are unmasked, so numel's divisibility
-# would buy nothing). n_cols and the strides are: they make the strided tiles' 16-byte loads.
-@triton.jit(do_not_specialize=["n_rows", "numel"])
+# would buy nothing); nor is a column stride's divisibility (a transposed tensor's is N),
+# only whether it is 1. n_cols and the row strides are: they make the strided tiles'
+# 16-byte loads.
+@triton.jit(do_not_specialize=["n_rows", "numel"],
+            do_not_specialize_on_alignment=["stride_logits_col", "stride_targets_col", "stride_upstream_col"])
 def _multilabel_kernel(
     logits_ptr, targets_ptr, upstream_ptr, loss_ptr, grad_ptr,
     n_rows, n_cols, numel,
@@ -316,7 +322,7 @@ def _tiling(logits: torch.Tensor, targets: torch.Tensor, upstream=None) -> tuple
     in 2-D tiles through their strides. Depends only on shapes and layouts, so the
     per-tile partial sums (and the reduced loss) are the same on every run."""
     n_rows, n_cols = logits.shape
-    block_rows, block_cols = tile_shape(n_rows, n_cols)
+    block_rows, block_cols = tile_shape(n_cols)
     flat = logits.is_contiguous() and targets.is_contiguous() and (
         upstream is None or upstream.dim() == 0 or upstream.is_contiguous())
     if flat:
