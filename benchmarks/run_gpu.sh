@@ -118,7 +118,7 @@ else
     fi
 fi
 
-if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer > /dev/null; then
+if [ "${SKIP_TESTS:-0}" != "1" ] && [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer > /dev/null; then
     # memcheck over the bad-input and edge-case tests of both backends (small shapes:
     # memcheck runs kernels far slower)
     section "compute-sanitizer memcheck (at most ${SANITIZE_TIMEOUT_S:-150} s)"

@@ -17,7 +17,7 @@ A backend supplies the real implementations and the fake ``saved`` list; the fak
 
 A backend that computes the gradient in its forward (for an upstream gradient of 1) and
 saves it asks for ``backward_in_place=True``: its backward operator is then
-``(Tensor grad_loss, Tensor(a!)[] saved, <family parameters>) -> ()``, turns
+``(Tensor grad_loss, Tensor(a!)[] saved, <family parameters>, bool needs_grad) -> ()``, turns
 ``saved[0]`` in place into the final gradient (where the upstream gradient is not 1),
 and that buffer is returned, so no second N x C buffer is ever allocated.
 """

@@ -97,7 +97,8 @@ def softmax_row_params(args: SoftmaxLossArgs):
 
 
 def ignore_index_arguments(ignore_index: int) -> dict:
-    """An ignore_index outside int64 matches no target."""
+    """An ignore_index outside int64 matches no target (a guard: validation keeps it
+    within the targets' dtype)."""
     inside = _INT64_RANGE[0] <= ignore_index <= _INT64_RANGE[1]
     return {"has_ignore_index": inside, "ignore_index": ignore_index if inside else 0}
 

@@ -1,7 +1,8 @@
 """The ``triton`` backend: fused Triton kernels for both loss families.
 
 The kernels live one family per module (``triton_softmax``, ``triton_multilabel``);
-this module registers them as one backend. On CUDA tensors it is the default. CPU
+this module registers them as one backend. On CUDA tensors ``auto`` picks it, except
+for multi-label tensors of up to 2^25 elements (``cuda``, see backends/cuda.py). CPU
 tensors run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before the
 package is imported), which is how CI tests the kernels; ``auto`` never picks it there.
 """

@@ -30,7 +30,7 @@ Where the gradient is made: in the forward, for an upstream gradient of 1. The i
 are swept twice either way (no ``dL/dz_ij`` is known before the row's statistics are
 complete); in the forward the second sweep follows the first in the same program and
 is served by L2 while the rows in flight fit there (rows in flight x ``s·C·bytes`` for
-``s`` input streams, against the H200's 50 MB; with the 64-register cap up to 4 programs,
+``s`` input streams, against the H200's 60 MiB; with the 64-register cap up to 4 programs,
 so rows, per SM: 528 rows). At C = 131072 the second sweep reads DRAM again, which caps
 ``mpt_loss`` with both sources near 58% of the copy bandwidth (the H200 run measured
 54-56%). Chunked rows (``chunk_classes``, see RECORD) bound that distance by the chunk
@@ -51,8 +51,10 @@ statistics are ``O(N)``; nothing synchronises with the host.
 
 What is specialised (``tl.constexpr``): which terms are present (CE, old source, new
 source), the kind, the two halves of the focus mode (reference argmax used, student
-argmax used), the bias mode, "mean", whether to write the gradient, and ``BLOCK_C``.
-Every float hyper-parameter is a runtime argument.
+argmax used), the bias mode, "mean", whether to write the gradient, ``BLOCK_C``, and
+``CHUNKS`` (0, or the power of two >= the chunks per row when ``chunk_classes`` is set).
+Every float hyper-parameter is a runtime argument, and the batch size is not specialised
+on (``do_not_specialize``).
 
 Rows: an ignored row reads nothing and gets loss 0 and gradient 0 (also where its
 logits hold NaN). A target outside ``[0, C)`` (on CPU ``check_target_values`` raises

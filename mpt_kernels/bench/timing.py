@@ -3,7 +3,7 @@
 Every timed run of a cell on the GPU is preceded by reading a buffer larger than twice
 the L2, so each run reads its inputs from device memory. The flush reads rather than
 writes: written, it would leave the L2 full of dirty lines, and the timed call would
-pay for writing them back (up to the L2's size, 50 MB on an H200: nearly the traffic of
+pay for writing them back (up to the L2's size, 60 MiB on an H200: about the traffic of
 a 1024 x 8192 cell). The events bracket the loss call alone, not the flush. The median
 over the runs is reported.
 """
