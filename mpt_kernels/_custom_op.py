@@ -131,6 +131,7 @@ def define_loss_ops(
         tensor_slots = [i for i, value in enumerate(inputs) if isinstance(value, torch.Tensor)]
         ctx.tensor_slots = tensor_slots
         ctx.other_inputs = [None if i in tensor_slots else value for i, value in enumerate(inputs)]
+        ctx.needs_grad = inputs[-1]  # whether the forward made (and saved) the logits' gradient
         saved = list(output[1])
         ctx.num_saved = len(saved)
         ctx.mark_non_differentiable(*saved)  # backward state, not a result to differentiate
@@ -153,7 +154,7 @@ def define_loss_ops(
         num_inputs = len(ctx.other_inputs)
         if grad_loss is None:  # grads are not materialised (setup_context): no gradient flowed
             return (None,) * num_inputs
-        if not ctx.other_inputs[-1]:  # needs_grad
+        if not ctx.needs_grad:
             # The logits did not need a gradient, so the forward saved nothing for one; the
             # loss still requires one where a constant input does (a class_bias or teacher
             # that requires grad), which gets none (spec: they are constants), as in eager.

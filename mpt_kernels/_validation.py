@@ -396,6 +396,16 @@ def check_splc(logits, targets, *, epoch, tau, change_epoch, margin, gamma, redu
     )
 
 
+def splc_logit(tau: float) -> float:
+    """logit(τ) = log(τ / (1 - τ)) in float64, where SPLC's correction σ(x) > τ becomes
+    x > logit(τ); -inf at τ = 0 (every finite x), +inf at τ = 1 (none)."""
+    if tau <= 0.0:
+        return -math.inf
+    if tau >= 1.0:
+        return math.inf
+    return math.log(tau) - math.log1p(-tau)
+
+
 def splc_flip_logit(args: MultiLabelLossArgs) -> float:
     """SPLC's correction (spec §5) as a threshold on the logit, for the kernels: a negative
     counts as positive where x > flip_logit, which is σ(x) > τ (σ is increasing) decided
@@ -403,11 +413,11 @@ def splc_flip_logit(args: MultiLabelLossArgs) -> float:
     It is the largest float32 at most logit(τ) (a float32 x exceeds it exactly when x
     exceeds logit(τ)); +inf, never, before ``change_epoch``, for Hill and for τ = 1.
     The epoch reaches the kernels only through this float: a new epoch compiles nothing."""
-    if args.loss != "splc" or args.epoch < args.change_epoch or args.tau >= 1.0:
+    if args.loss != "splc" or args.epoch < args.change_epoch:
         return math.inf
-    if args.tau <= 0.0:
-        return -math.inf
-    exact = math.log(args.tau) - math.log1p(-args.tau)
+    exact = splc_logit(args.tau)
+    if math.isinf(exact):
+        return exact
     nearest = struct.unpack("<f", struct.pack("<f", exact))[0]
     if nearest <= exact:
         return nearest

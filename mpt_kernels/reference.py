@@ -12,7 +12,6 @@ API does, then call ``softmax_family_loss`` / ``multilabel_loss``, which the
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -26,6 +25,7 @@ from ._validation import (
     check_softmax_family,
     check_splc,
     check_target_values,
+    splc_logit,
 )
 
 __all__ = ["margin_cross_entropy", "focal_distillation", "mpt_loss", "hill_loss", "splc_loss"]
@@ -196,20 +196,11 @@ def splc_elements(
     # σ(x) > τ, decided as x > logit(τ) in float64 (σ is increasing). σ rounded in float32
     # would move the boundary by a few ulps, and lose it where σ(x) rounds to 0 or 1
     # (τ = 0 flips every negative: σ(x) > 0 for every finite x).
-    corrected = positive | ((epoch >= change_epoch) & (shifted.detach().double() > _logit(tau)))
+    corrected = positive | ((epoch >= change_epoch) & (shifted.detach().double() > splc_logit(tau)))
     as_positive, as_negative = _branches(corrected, shifted)
     positive_loss = -_focal_factor(F.logsigmoid(-as_positive), gamma) * F.logsigmoid(as_positive)
     negative_loss = -_focal_factor(F.logsigmoid(as_negative), gamma) * F.logsigmoid(-as_negative)
     return torch.where(corrected, positive_loss, negative_loss)
-
-
-def _logit(tau: float) -> float:
-    """log(τ / (1 - τ)) in float64; -inf at τ = 0, +inf at τ = 1."""
-    if tau <= 0.0:
-        return -math.inf
-    if tau >= 1.0:
-        return math.inf
-    return math.log(tau) - math.log1p(-tau)
 
 
 def multilabel_elements(args: MultiLabelLossArgs) -> Tensor:

@@ -39,6 +39,11 @@ def _key(cell: dict, provider: str = None) -> tuple:
     return (cell["loss"], cell["n"], cell["c"], cell["dtype"], cell["mode"], provider or cell["provider"])
 
 
+def _by_key(cells) -> dict:
+    """The cells by _key (a baseline cell is ``_by_key(cells).get(_key(cell, baseline))``)."""
+    return {_key(cell): cell for cell in cells}
+
+
 def _ok(cell) -> bool:
     return cell is not None and cell.get("status") == "ok"
 
@@ -52,7 +57,7 @@ def _relative(value, reference):
 def annotate(doc: dict) -> None:
     """Speed-ups against the eager reference and torch.compile, and the sanity check
     against the reference's loss and gradient norm, for every cell that ran."""
-    cells = {_key(cell): cell for cell in doc["cells"]}
+    cells = _by_key(doc["cells"])
     for cell in doc["cells"]:
         if not _ok(cell):
             continue
@@ -218,7 +223,7 @@ def _table(doc: dict, loss: str, mode: str) -> list:
     shown = _providers_in(cells)
     if not shown:
         return []
-    by_key = {_key(c): c for c in cells}
+    by_key = _by_key(cells)
     fast = [p for p in shown if p not in BASELINES]
     speedups = [(p, b) for p in fast for b in BASELINES if b in shown]
     if "compile" in shown and "reference" in shown:
@@ -333,7 +338,7 @@ def summary(doc: dict) -> list:
     """A few lines for the terminal: each loss, dtype and mode at its largest shape."""
     lines = []
     groups = defaultdict(list)
-    by_key = {_key(c): c for c in doc["cells"]}
+    by_key = _by_key(doc["cells"])
     for c in doc["cells"]:
         if _ok(c):
             groups[(c["loss"], c["dtype"], c["mode"])].append(c)
@@ -383,7 +388,7 @@ def write_plots(doc: dict, out_dir: Path, stem: str) -> list:
     title_note = "" if doc["gpu_figures"] else " — CPU SMOKE RUN, NOT GPU FIGURES"
     paths = []
 
-    by_key = {_key(c): c for c in doc["cells"]}
+    by_key = _by_key(doc["cells"])
 
     def series(loss, dtype, mode, provider, n, field, baseline=None):
         """Sorted (C, value, host-bound) points of one line (host-bound: the cell, or for a
