@@ -70,7 +70,8 @@ def _inputs_device(logits: torch.Tensor):
     torch's current device changed): with tensors on cuda:1 while cuda:0 is current, the
     launch must happen on cuda:1. torch's guard restores the previous device afterwards.
     """
-    return torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext()
+    # an int index takes torch's short path (a torch.device is parsed again on every call)
+    return torch.cuda.device(logits.get_device()) if logits.is_cuda else contextlib.nullcontext()
 
 
 def define_loss_ops(

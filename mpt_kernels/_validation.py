@@ -61,9 +61,10 @@ def _is_symbolic(value) -> bool:
 
 def check_float(name: str, value, *, low=None, high=None, low_open=False) -> float:
     """A finite real number within [low, high] (or (low, high] when low_open)."""
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or _is_symbolic(value)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    if type(value) is not float:  # a plain float skips the slow abstract-class checks
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) or _is_symbolic(value)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = float(value)
     # a chained comparison, not math.isfinite: Dynamo traces it for a symbolic float too
     if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
@@ -76,12 +77,13 @@ def check_float(name: str, value, *, low=None, high=None, low_open=False) -> flo
 
 def check_int(name: str, value, *, low=None, high=None) -> int:
     """An integer (not a bool, not a float) within [low, high]."""
-    if isinstance(value, bool) or not (
-        isinstance(value, numbers.Integral) or isinstance(value, torch.SymInt)
-    ):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not isinstance(value, torch.SymInt):
-        value = int(value)
+    if type(value) is not int:  # a plain int skips the slow abstract-class checks
+        if isinstance(value, bool) or not (
+            isinstance(value, numbers.Integral) or isinstance(value, torch.SymInt)
+        ):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if not isinstance(value, torch.SymInt):
+            value = int(value)
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     if high is not None and value > high:
@@ -157,9 +159,11 @@ def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> 
 
 
 class _OperatorArgs:
+    FIELD_NAMES: tuple = ()  # set below each dataclass (dataclasses.fields is slow per call)
+
     def op_args(self) -> tuple:
         """The fields in declaration order: the positional arguments of the operators."""
-        return tuple(getattr(self, f.name) for f in fields(self))
+        return tuple([getattr(self, name) for name in self.FIELD_NAMES])
 
 
 # --------------------------------------------------------------------------- softmax family
@@ -194,6 +198,8 @@ class SoftmaxLossArgs(_OperatorArgs):
     new_weight: float
     reduction: str
 
+
+SoftmaxLossArgs.FIELD_NAMES = tuple(f.name for f in fields(SoftmaxLossArgs))
 
 
 def _check_logits(name: str, logits) -> Tensor:
@@ -356,6 +362,8 @@ class MultiLabelLossArgs(_OperatorArgs):
     change_epoch: int
     reduction: str
 
+
+MultiLabelLossArgs.FIELD_NAMES = tuple(f.name for f in fields(MultiLabelLossArgs))
 
 
 def _check_multilabel_tensors(logits, targets):
