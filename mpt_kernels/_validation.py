@@ -129,15 +129,22 @@ def sync_checks_enabled() -> bool:
 
 
 # The fused kernels index a row's classes in 32 bits, with room for one block (4096 in
-# the CUDA forward's zero fill, a Triton block) past the end.
+# the CUDA forward's zero fill, a Triton block) past the end; they launch one program
+# (Triton) or block (CUDA) per row, and a grid's x dimension holds at most 2^31 - 1.
 MAX_KERNEL_CLASSES = 2**31 - 2**16
+MAX_KERNEL_ROWS = 2**31 - 1
 
 
-def check_kernel_classes(backend: str, num_classes: int) -> None:
-    """A softmax-family row the fused kernels can index (a 2^31-class row is 4 GiB and more)."""
+def check_kernel_shape(backend: str, logits: Tensor) -> None:
+    """Softmax-family logits the fused kernels can index and launch (a row of 2^31
+    classes is 4 GiB and more; 2^31 rows, 4 GiB of class-1 bf16 logits)."""
+    num_rows, num_classes = logits.shape
     if num_classes > MAX_KERNEL_CLASSES:
         raise ValueError(f"the {backend} backend takes at most {MAX_KERNEL_CLASSES} classes per row, "
                          f"got {num_classes}")
+    if num_rows > MAX_KERNEL_ROWS:
+        raise ValueError(f"the {backend} backend takes at most {MAX_KERNEL_ROWS} rows (one program per row), "
+                         f"got {num_rows}")
 
 
 def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:

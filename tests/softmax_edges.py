@@ -45,3 +45,36 @@ def masked_with_finite_values(z, y, old, new, width: int):
     new[3, :width] = -1e4
     y[2:4] = width + (y[2:4] % (c - width))
     return z, y, old, new
+
+
+def rows_at_the_float32_minimum(backend: str, fn, device) -> list:
+    """The documented limit (README, "Decisions"): the fused kernels keep each softmax's
+    statistics against max·log2(e)/τ, so a segment whose largest logit is near
+    finfo(float32).min is wrong. ``fn(loss_name, backend, *inputs, **options)`` computes
+    (loss with reduction="none", gradient); returns the cases, by name, where ``backend``
+    differs from the reference (non-finite, or off by more than 1e-3 relative): a whole
+    student row of finfo.min in the cross-entropy, a whole teacher row of it at τ = 1
+    and at τ = 5. Tests expect every case to differ until the limit is fixed."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 10, generator=g).to(device)
+    y = torch.tensor([1, 2, 3], device=device)
+    old = torch.randn(3, 5, generator=g).to(device)
+    lowest = torch.finfo(torch.float32).min
+    z_masked, old_masked = z.clone(), old.clone()
+    z_masked[1] = lowest
+    old_masked[1] = lowest
+    cases = {
+        "cross_entropy_row": ("margin_cross_entropy", (z_masked, y), {}),
+        "teacher_row_tau_1": ("focal_distillation", (z, old_masked, y), {"tau": 1.0}),
+        "teacher_row_tau_5": ("focal_distillation", (z, old_masked, y), {"tau": 5.0}),
+    }
+    differing = []
+    for name, (loss_name, inputs, options) in cases.items():
+        expected = fn(loss_name, "reference", *inputs, **options)
+        got = fn(loss_name, backend, *inputs, **options)
+        for want, have in zip(expected, got):
+            if not (torch.isfinite(have).all() and torch.allclose(have, want, rtol=1e-3, atol=1e-6)):
+                differing.append(name)
+                break
+    return differing
+

@@ -30,13 +30,13 @@ import inspect
 import mpt_kernels as mk
 from mpt_kernels import reference
 from mpt_kernels._registry import select_backend
-from mpt_kernels._validation import MAX_KERNEL_CLASSES, check_splc
+from mpt_kernels._validation import MAX_KERNEL_CLASSES, MAX_KERNEL_ROWS, check_splc
 from mpt_kernels.backends import cuda as cuda_backend
 from rounding import assert_single_rounding, single_rounding_errors
 from multilabel_edges import (
     float_targets, infinite_logits, splc_negative_losses, splc_threshold_cases,
 )
-from softmax_edges import masked_with_finite_values
+from softmax_edges import masked_with_finite_values, rows_at_the_float32_minimum
 from spec_gradients import away_from_splc_threshold
 
 pytestmark = pytest.mark.gpu
@@ -437,6 +437,25 @@ def test_rows_too_long_for_32_bit_columns_are_refused():
     y = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match=f"cuda backend takes at most {MAX_KERNEL_CLASSES} classes per row"):
         mk.margin_cross_entropy(z, y, backend=BACKEND)
+
+
+def test_more_rows_than_a_grid_holds_are_refused():
+    """One block per row: 2^31 expanded rows (no memory behind them) are our clear
+    error before _C sees them."""
+    z = torch.zeros(1, 1, device=DEVICE).expand(MAX_KERNEL_ROWS + 1, 1)
+    y = torch.zeros(1, dtype=torch.int64, device=DEVICE).expand(MAX_KERNEL_ROWS + 1)
+    with pytest.raises(ValueError, match=f"cuda backend takes at most {MAX_KERNEL_ROWS} rows"):
+        mk.margin_cross_entropy(z, y, backend=BACKEND)
+
+
+def test_rows_at_the_float32_minimum_are_the_documented_limit():
+    """Every case of the README's limit still differs from the reference; when a fix makes
+    one agree, this fails: update the README's limit then."""
+    def fn(loss_name, backend, *inputs, **options):
+        return loss_and_grad(getattr(mk, loss_name), *inputs, backend=backend, reduction="none", **options)
+
+    assert rows_at_the_float32_minimum(BACKEND, fn, DEVICE) == [
+        "cross_entropy_row", "teacher_row_tau_1", "teacher_row_tau_5"]
 
 
 @pytest.mark.parametrize("dtype, c", [(torch.bfloat16, 100), (torch.float32, 100), (torch.bfloat16, 3000),

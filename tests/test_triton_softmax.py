@@ -37,8 +37,8 @@ from mpt_kernels.backends import triton_softmax as TS  # noqa: E402
 from mpt_kernels.backends import triton_sum  # noqa: E402
 from rounding import assert_single_rounding  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
-from softmax_edges import masked_with_finite_values  # noqa: E402
-from mpt_kernels._validation import MAX_KERNEL_CLASSES  # noqa: E402
+from softmax_edges import masked_with_finite_values, rows_at_the_float32_minimum  # noqa: E402
+from mpt_kernels._validation import MAX_KERNEL_CLASSES, MAX_KERNEL_ROWS  # noqa: E402
 
 # numpy (the interpreter) warns about lanes that are computed and then masked out
 # (-inf - -inf, log 0 on ignored rows); the results are checked below.
@@ -549,6 +549,25 @@ def test_rows_too_long_for_32_bit_columns_are_refused():
     y = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match=f"triton backend takes at most {MAX_KERNEL_CLASSES} classes per row"):
         mpt_kernels.margin_cross_entropy(z, y, backend="triton")
+
+
+def test_more_rows_than_a_grid_holds_are_refused():
+    # one program per row: 2^31 expanded rows (no memory behind them) are a clear error,
+    # not a failed launch
+    z = torch.zeros(1, 1, device=DEVICE).expand(MAX_KERNEL_ROWS + 1, 1)
+    y = torch.zeros(1, dtype=torch.int64, device=DEVICE).expand(MAX_KERNEL_ROWS + 1)
+    with pytest.raises(ValueError, match=f"triton backend takes at most {MAX_KERNEL_ROWS} rows"):
+        mpt_kernels.margin_cross_entropy(z, y, backend="triton")
+
+
+def test_rows_at_the_float32_minimum_are_the_documented_limit():
+    """Every case of the README's limit still differs from the reference; when a fix makes
+    one agree, this fails: update the README's limit then."""
+    def fn(loss_name, backend, *inputs, **options):
+        return run(loss_name, *inputs, backend=backend, reduction="none", **options)
+
+    assert rows_at_the_float32_minimum("triton", fn, DEVICE) == [
+        "cross_entropy_row", "teacher_row_tau_1", "teacher_row_tau_5"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -31,7 +31,7 @@ import torch
 from .._custom_op import _inputs_device, define_loss_ops
 from .._registry import Backend, register_backend
 from .._validation import (
-    HALF_AND_SINGLE, MultiLabelLossArgs, SoftmaxLossArgs, check_kernel_classes, check_target_values, splc_flip_logit,
+    HALF_AND_SINGLE, MultiLabelLossArgs, SoftmaxLossArgs, check_kernel_shape, check_target_values, splc_flip_logit,
 )
 
 try:
@@ -106,7 +106,7 @@ def ignore_index_arguments(ignore_index: int) -> dict:
 def softmax_inputs(args: SoftmaxLossArgs):
     """What the softmax kernels read, as ``_C.SoftmaxInputs``, and the tensors behind its
     addresses (copies among them), which the caller keeps alive through the launch."""
-    check_kernel_classes("cuda", args.logits.shape[1])  # before any copy
+    check_kernel_shape("cuda", args.logits)  # before any copy
     logits = _with_unit_column_stride(args.logits)
     num_rows, num_classes = logits.shape
     row = softmax_row_params(args)
@@ -135,9 +135,9 @@ def softmax_inputs(args: SoftmaxLossArgs):
 
 
 def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
+    inputs, keep_alive = softmax_inputs(args)  # checks the shape first
     if not torch.compiler.is_compiling():
         check_target_values(args.target, args.logits.shape[1], args.ignore_index)
-    inputs, keep_alive = softmax_inputs(args)
     num_rows = args.logits.shape[0]
     device, dtype = args.logits.device, args.logits.dtype
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=device)

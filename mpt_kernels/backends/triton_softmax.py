@@ -75,7 +75,7 @@ import triton
 import triton.language as tl
 
 from .._custom_op import define_loss_ops
-from .._validation import SoftmaxLossArgs, check_kernel_classes, check_target_values
+from .._validation import SoftmaxLossArgs, check_kernel_shape, check_target_values
 from . import triton_fastmath as fm
 from .triton_sum import scaled_sum
 
@@ -992,7 +992,7 @@ def _kernel_inputs(args: SoftmaxLossArgs, plan: _Plan, class_contiguous) -> tupl
 def _forward(args: SoftmaxLossArgs, needs_grad: bool):
     logits = args.logits
     num_rows, num_classes = logits.shape
-    check_kernel_classes("triton", num_classes)
+    check_kernel_shape("triton", logits)
     check_target_values(args.target, num_classes, args.ignore_index)
     plan = _Plan.of(args)
     copies = []  # of class-strided inputs: kept for a recomputing backward
