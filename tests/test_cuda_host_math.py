@@ -20,6 +20,9 @@ import dataclasses
 import itertools
 import math
 import os
+import re
+import shutil
+import subprocess
 import zlib
 
 import pytest
@@ -40,6 +43,17 @@ INF, NAN = math.inf, math.nan
 def test_extension_is_built_when_required():
     # CI installs with MPT_KERNELS_CUDA=1: then these tests must run, not skip.
     assert _C is not None, cuda_backend.EXTENSION_ERROR
+
+
+@needs_extension
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="no readelf to list the libraries _C needs")
+def test_extension_does_not_link_against_torch():
+    """_C takes pointers and sizes, not tensors, so it builds against a CPU-only torch and
+    keeps working across torch versions: none of the libraries it needs is torch's."""
+    dynamic = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    assert needed, dynamic
+    assert not [lib for lib in needed if re.search(r"torch|c10|cudart", lib)], needed
 
 
 # --------------------------------------------------------------------------- helpers

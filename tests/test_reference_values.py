@@ -489,6 +489,30 @@ def test_mean_over_no_counted_rows_is_zero_with_zero_gradient():
         assert torch.equal(grad, torch.zeros_like(z)), name
 
 
+@pytest.mark.parametrize("reduction", SOFTMAX_REDUCTIONS)
+def test_nan_in_an_ignored_row_changes_nothing(reduction):
+    """Spec: ignored rows contribute nothing to any term. NaN in an ignored row's student,
+    old and new logits leaves every loss and gradient as with finite values there, and
+    that row's loss and gradient exactly 0 (not 0 · NaN)."""
+    z = t64([[0.3, -1.0, 2.0, 0.5], [1.0, 1.5, -0.5, 0.0], [0.2, 0.1, -0.3, 1.2]])
+    y = torch.tensor([2, -100, 3])
+    old = t64([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0], [0.5, -1.0, 0.0]])
+    new = t64([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0], [1.0, 0.0, 0.5, 2.0]])
+    z_nan, old_nan, new_nan = z.clone(), old.clone(), new.clone()
+    z_nan[1, 1] = old_nan[1, 2] = new_nan[1, 0] = float("nan")
+    z.requires_grad_(True)
+    z_nan.requires_grad_(True)
+    clean = softmax_losses(z, y, old, new, reduction=reduction)
+    for name, loss in softmax_losses(z_nan, y, old_nan, new_nan, reduction=reduction).items():
+        (grad,) = torch.autograd.grad(loss.sum(), z_nan)
+        (clean_grad,) = torch.autograd.grad(clean[name].sum(), z)
+        assert torch.equal(loss.detach(), clean[name].detach()), name
+        assert torch.equal(grad, clean_grad), name
+        assert torch.equal(grad[1], torch.zeros(4, dtype=torch.float64)), name
+        if reduction == "none":
+            assert loss[1] == 0, name
+
+
 def test_masked_class_gives_finite_cross_entropy():
     # z = [0, log 2, -inf]: softmax [1/3, 2/3, 0]; y = 1 -> log 3 - log 2
     # z = [-inf, -inf, 0, log 2] (the masked classes come first: an online softmax must not

@@ -32,6 +32,7 @@ from mpt_kernels import reference as R  # noqa: E402
 from mpt_kernels._validation import check_hill, check_splc, splc_flip_logit  # noqa: E402
 from mpt_kernels.backends import triton_multilabel as TM  # noqa: E402
 from mpt_kernels.backends import triton_sum  # noqa: E402
+from allocations import large_allocations  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
 from multilabel_edges import (  # noqa: E402
     float_targets, infinite_logits, splc_negative_losses, splc_threshold_cases,
@@ -437,6 +438,23 @@ def test_inference_writes_no_gradient(name, reduction, poisoned_buffers):
             assert len(full_size) == 2 * per_call
         else:  # the second call needs the gradient: one more N x C buffer
             assert len(full_size) == 2 * per_call + 1
+
+
+@pytest.mark.parametrize("target_dtype", TARGET_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_targets_are_read_in_place(target_dtype, reduction):
+    """No copy of the targets in any dtype (issue: "without converting them to a float
+    copy first") and nothing N x C but the gradient and the "none" loss."""
+    x, t = make_inputs(23)
+    t = (t > 0.5).to(target_dtype)
+    leaf = x.clone().requires_grad_(True)
+    with large_allocations(x.numel()) as found:
+        loss = mpt_kernels.hill_loss(leaf, t, reduction=reduction, backend="triton")
+    assert sorted(found) == [("empty", tuple(x.shape))] * (2 if reduction == "none" else 1)
+    upstream = torch.full_like(loss, 0.5)
+    with large_allocations(x.numel()) as found:
+        loss.backward(upstream)
+    assert found == []
 
 
 # --------------------------------------------------------------------------- compilation

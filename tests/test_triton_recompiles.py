@@ -53,14 +53,14 @@ def compiled_keys(step):
     return keys
 
 
-def softmax_step(n, c, reduction):
+def softmax_step(n, c, reduction, **params):
     def step():
         g = torch.Generator().manual_seed(n)
         logits = torch.randn(n, c, generator=g, dtype=torch.bfloat16, requires_grad=True)
         target = torch.randint(0, c, (n,), generator=g)
         old = torch.randn(n, c // 2, generator=g, dtype=torch.bfloat16)
         new = torch.randn(n, c, generator=g, dtype=torch.bfloat16)
-        loss = mpt_kernels.mpt_loss(logits, target, old, new, reduction=reduction, backend="triton")
+        loss = mpt_kernels.mpt_loss(logits, target, old, new, reduction=reduction, backend="triton", **params)
         loss.backward(torch.full_like(loss, 2.0))
     return step
 
@@ -88,6 +88,16 @@ for c in (80, 1000, 1024):
     # transposed logits, column stride N: the 2-D tiles (from N = 2: one row is contiguous)
     cases[f"hill_loss C={c} none strided"] = {
         n: compiled_keys(multilabel_step(mpt_kernels.hill_loss, n, c, "none", strided=True)) for n in (2, 5, 16, 1000)}
+# new float hyper-parameters (none turns a term on or off): the same kernels
+HYPER_PARAMETERS = {
+    "defaults": {},
+    "tau": dict(tau=2.0, scale_by_tau_sq=True),
+    "smoothing and bias": dict(label_smoothing=0.1, new_class_bias=1.5),
+    "focal weights": dict(alpha=0.5, beta=2.0),
+    "term weights": dict(ce_weight=0.5, old_weight=0.3, new_weight=0.7),
+}
+cases["mpt_loss C=1000 mean hyper-parameters"] = {
+    name: compiled_keys(softmax_step(8, 1000, "mean", **params)) for name, params in HYPER_PARAMETERS.items()}
 print(json.dumps(cases))
 print("recorded")
 '''
@@ -119,3 +129,14 @@ def test_the_class_count_is_still_specialised(compiled_keys, loss):
     so the comparison above can tell two specialisations apart."""
     aligned, unaligned = (next(iter(compiled_keys[loss.format(c)].values())) for c in (1024, 1000))
     assert aligned != unaligned
+
+
+def test_new_float_hyper_parameters_compile_nothing(compiled_keys):
+    """τ, label smoothing, the bias b, α, β and the term weights are runtime arguments of
+    the softmax kernels (never constexpr: each value would compile anew)."""
+    by_params = compiled_keys["mpt_loss C=1000 mean hyper-parameters"]
+    first = by_params["defaults"]
+    assert first, "no kernel launch was recorded"
+    for name, keys in by_params.items():
+        assert keys == first, f"{name} compiles another kernel:\n{keys}\nagainst\n{first}"
+

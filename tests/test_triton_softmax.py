@@ -35,6 +35,7 @@ import mpt_kernels  # noqa: E402
 from mpt_kernels import reference as R  # noqa: E402
 from mpt_kernels.backends import triton_softmax as TS  # noqa: E402
 from mpt_kernels.backends import triton_sum  # noqa: E402
+from allocations import large_allocations  # noqa: E402
 from rounding import assert_single_rounding  # noqa: E402
 from sm90_compile import run_sm90_compile  # noqa: E402
 from softmax_edges import masked_with_finite_values, rows_at_the_float32_minimum  # noqa: E402
@@ -82,7 +83,8 @@ def make_inputs(seed, *, n=N, c=C, k=K, dtype=torch.float32, target_dtype=torch.
 
     Some rows get a teacher whose argmax is the target, some a student whose argmax is
     the target, in a pattern that gives every focus mode both values of f; targets in
-    the second half of the rows may lie beyond k (never predicted by the old model).
+    the second half of the rows may lie beyond k (never predicted by the old model), and
+    the first two of them are k and k - 1 (either side of where the bias b starts).
     """
     g = generator(seed)
     z = 2.0 * torch.randn(n, c, generator=g, device=DEVICE)
@@ -91,6 +93,9 @@ def make_inputs(seed, *, n=N, c=C, k=K, dtype=torch.float32, target_dtype=torch.
     y = torch.randint(0, k, (n,), generator=g, device=DEVICE)
     y[n // 2:] = torch.randint(0, c, (n - n // 2,), generator=g, device=DEVICE)
     rows = torch.arange(n, device=DEVICE)
+    if k < c:  # the first new class (where the bias b starts) and the last old one
+        boundary = rows[n // 2:n // 2 + 2]
+        y[boundary] = torch.tensor([k, k - 1], device=DEVICE)[:boundary.numel()]
     # a fixed pattern: rows 0 and 2 meet a right teacher with a right and a wrong student
     plant_old = (rows % 2 == 0) & (y < k)
     plant_new = rows % 3 != 1
@@ -119,7 +124,8 @@ def run(fn_name: str, logits, *rest, backend: str, upstream="random", **kwargs):
         out = getattr(R, fn_name)(leaf, *rest, **kwargs)
     else:
         out = getattr(mpt_kernels, fn_name)(leaf, *rest, backend=backend, **kwargs)
-    (grad,) = torch.autograd.grad(out, leaf, upstream_gradient(out, upstream))
+    g = upstream.to(out.dtype) if isinstance(upstream, torch.Tensor) else upstream_gradient(out, upstream)
+    (grad,) = torch.autograd.grad(out, leaf, g)
     # the caller's logits are never written (NaN compares equal to NaN here)
     torch.testing.assert_close(leaf.detach(), logits, rtol=0, atol=0, equal_nan=True)
     return out.detach(), grad
@@ -136,11 +142,19 @@ def assert_close(actual, expected, dtype, what):
 
 
 def check(fn_name, logits, *rest, upstream="random", **kwargs):
-    """Triton == reference for the loss and the gradient; returns the Triton pair."""
+    """Triton == reference for the loss and the gradient; returns the Triton pair. In
+    float16 and bfloat16 every gradient entry is also held to the float32 reference
+    rounded once, within one ulp (the relative tolerance's absolute part scales with the
+    largest entry and would let a wrong small entry through)."""
     loss_t, grad_t = run(fn_name, logits, *rest, backend="triton", upstream=upstream, **kwargs)
     loss_r, grad_r = run(fn_name, logits, *rest, backend="reference", upstream=upstream, **kwargs)
     assert_close(loss_t, loss_r, logits.dtype, "loss")
     assert_close(grad_t, grad_r, logits.dtype, "gradient")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        widen = [x.float() if isinstance(x, torch.Tensor) and x.dtype == logits.dtype else x for x in rest]
+        _, grad_32 = run(fn_name, logits.float(), *widen, backend="reference",
+                         upstream=upstream_gradient(loss_t, upstream), **kwargs)
+        assert_single_rounding(grad_t, grad_32, "gradient against the float32 reference rounded once")
     return loss_t, grad_t
 
 
@@ -286,10 +300,13 @@ def test_empty_batch():
 
 # --------------------------------------------------------------------------- memory and layout
 def poison_gradient_buffer(monkeypatch):
-    """The kernel must write every element of the gradient: start from NaN."""
+    """The kernels must write every element of the gradient, and of the per-row losses,
+    statistics and inverse count: start from NaN."""
     def nan_filled(logits):
         return torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
     monkeypatch.setattr(TS, "_new_gradient_buffer", nan_filled)
+    monkeypatch.setattr(TS, "_empty", lambda shape, device: torch.full(
+        shape if isinstance(shape, tuple) else (shape,), float("nan"), device=device))
 
 
 @pytest.mark.parametrize("upstream", ["one", "random"])
@@ -459,6 +476,28 @@ def test_no_grad_forward_matches():
     assert_close(loss, expected, z.dtype, "loss")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nothing_of_size_n_by_c_but_the_gradient(reduction):
+    """The memory rule: a forward that needs the gradient allocates one N x C tensor (the
+    gradient); one that does not (no_grad, or logits that need none) allocates none; the
+    backward writes into the forward's buffer, also for an upstream gradient that is not 1."""
+    z, y, old, new = make_inputs(83)
+    options = dict(focus="neg_flip", class_bias=torch.randn(C, device=DEVICE), reduction=reduction)
+    leaf = z.clone().requires_grad_(True)
+    with large_allocations(z.numel()) as found:
+        with torch.no_grad():
+            mpt_kernels.mpt_loss(leaf, y, old, new, backend="triton", **options)
+        mpt_kernels.mpt_loss(z, y, old, new, backend="triton", **options)
+    assert found == []
+    with large_allocations(z.numel()) as found:
+        loss = mpt_kernels.mpt_loss(leaf, y, old, new, backend="triton", **options)
+    assert found == [("empty", (N, C))]
+    upstream = upstream_gradient(loss, "random")
+    with large_allocations(z.numel()) as found:
+        loss.backward(upstream)
+    assert found == []
+
+
 @pytest.mark.parametrize("num_classes", [150, 3000])
 def test_default_blocks(num_classes):
     """The launch configuration chosen from C (one block for 150, several for 3000)."""
@@ -607,12 +646,11 @@ def test_nan_propagates():
     # A NaN the loss does not read (student column >= K in focal distillation) changes nothing.
     loss, _ = check("focal_distillation", z, old, y, reduction="none")
     assert torch.isfinite(loss[[0, 1, 3, 4, 5]]).all() and torch.isnan(loss[2])
-    # A NaN in an ignored row changes nothing: loss 0, gradient exactly 0. (The
-    # reference's autograd gives that row a NaN gradient, 0 · NaN in log_softmax's
-    # backward, so this is checked on its own.)
-    z_ignored = z.clone()
-    z_ignored[5, 3] = float("nan")
-    loss, grad = run("mpt_loss", z_ignored, y, old, new, backend="triton", reduction="none")
+    # A NaN in an ignored row (student and both teachers) changes nothing: loss 0,
+    # gradient exactly 0, as the reference's (which replaces such rows' inputs by zeros).
+    z_ignored, old_ignored, new_ignored = z.clone(), old.clone(), new.clone()
+    z_ignored[5, 3] = old_ignored[5, 1] = new_ignored[5, C - 1] = float("nan")
+    loss, grad = check("mpt_loss", z_ignored, y, old_ignored, new_ignored, reduction="none")
     expected, _ = run("mpt_loss", z, y, old, new, backend="triton", reduction="none")
     assert loss[5] == 0 and torch.equal(grad[5], torch.zeros_like(grad[5]))
     assert torch.equal(loss.isnan(), expected.isnan())
@@ -632,7 +670,8 @@ def test_out_of_range_target(monkeypatch):
     bad[1], bad[3], bad[4] = C, 2**40, -5
     with monkeypatch.context() as mp:
         mp.setenv("MPT_KERNELS_SYNC_CHECKS", "1")
-        with pytest.raises(ValueError, match="target"):
+        with pytest.raises(ValueError, match=rf"target must hold class indices in \[0, {C}\) or ignore_index "
+                                             r"\(-100\); found 150"):
             mpt_kernels.mpt_loss(z, bad, old, new, backend="triton")
     with monkeypatch.context() as mp:
         mp.setattr(TS, "check_target_values", lambda *a, **k: None)

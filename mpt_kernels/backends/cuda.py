@@ -64,6 +64,12 @@ def _with_unit_column_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous()
 
 
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The buffers the kernels write besides the saved gradient and statistics (losses,
+    partial sums, the row count): every element written (tests fill them first)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _launch(device: torch.device) -> dict:
     return {"device": device.index, "stream": torch.cuda.current_stream(device).cuda_stream}
 
@@ -140,9 +146,9 @@ def _softmax_forward(args: SoftmaxLossArgs, needs_grad: bool):
         check_target_values(args.target, args.logits.shape[1], args.ignore_index)
     num_rows = args.logits.shape[0]
     device, dtype = args.logits.device, args.logits.dtype
-    row_loss = torch.empty(num_rows, dtype=torch.float32, device=device)
-    counted_rows = torch.empty(1, dtype=torch.int64, device=device) if args.reduction == "mean" else None
-    loss = torch.empty((), dtype=dtype, device=device) if args.reduction != "none" else None
+    row_loss = _empty(num_rows, torch.float32, device)
+    counted_rows = _empty(1, torch.int64, device) if args.reduction == "mean" else None
+    loss = _empty((), dtype, device) if args.reduction != "none" else None
     saved = _softmax_saved(args, needs_grad)
     _C.softmax_forward(
         inputs=inputs,
@@ -243,11 +249,11 @@ def _multilabel_forward(args: MultiLabelLossArgs, needs_grad: bool):
     inputs, keep_alive = multilabel_inputs(args)
     device, dtype = args.logits.device, args.logits.dtype
     if args.reduction == "none":
-        loss = torch.empty(args.logits.shape, dtype=dtype, device=device)
+        loss = _empty(args.logits.shape, dtype, device)
         partials = None
     else:
-        loss = torch.empty((), dtype=dtype, device=device)
-        partials = torch.empty(_C.MULTILABEL_MAX_BLOCKS, dtype=torch.float32, device=device)
+        loss = _empty((), dtype, device)
+        partials = _empty(_C.MULTILABEL_MAX_BLOCKS, torch.float32, device)
     saved = _multilabel_saved(args, needs_grad)
     _C.multilabel_forward(
         inputs=inputs,

@@ -907,13 +907,19 @@ def _class_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous() if _needs_class_copy(x) else x
 
 
+def _empty(shape, device: torch.device) -> torch.Tensor:
+    """The float32 buffers the kernels write besides the gradient (per-row losses and
+    statistics, the inverse count): every element written (tests fill them with NaN)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _new_gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
     """The only N x C allocation: every element is written by the kernel."""
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _inverse_count(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    out = torch.empty((), dtype=torch.float32, device=target.device)
+    out = _empty((), target.device)
     _inverse_count_kernel[(1,)](target, target.stride(0), target.shape[0], ignore_index, out, BLOCK=1024,
                                 **fm.LAUNCH_OPTIONS)
     return out
@@ -1008,10 +1014,10 @@ def _forward(args: SoftmaxLossArgs, needs_grad: bool):
     mean = args.reduction == "mean"
     focus_ref, focus_student = FOCUS_PARTS[args.focus]
 
-    rows = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    rows = _empty(num_rows, logits.device)
     if needs_grad:
         grad = _new_gradient_buffer(logits)
-        stats = torch.empty((num_rows, NUM_STATS.value), dtype=torch.float32, device=logits.device)
+        stats = _empty((num_rows, NUM_STATS.value), logits.device)
     else:
         grad = stats = rows
     inv_count = _inverse_count(target, args.ignore_index) if mean else rows
@@ -1019,7 +1025,7 @@ def _forward(args: SoftmaxLossArgs, needs_grad: bool):
     if chunk:
         grid = ((num_rows + lag) * num_chunks,)
         sync = torch.zeros(1 + num_rows, dtype=torch.int32, device=logits.device)  # ticket, then per row
-        records = torch.empty(num_rows * num_chunks * RECORD.value, dtype=torch.float32, device=logits.device)
+        records = _empty(num_rows * num_chunks * RECORD.value, logits.device)
     else:
         grid, sync, records = (num_rows,), rows, rows
     if num_rows > 0:

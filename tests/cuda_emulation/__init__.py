@@ -3,9 +3,9 @@ the CUDA emulation of ``_C`` (build.py) with CPU tensors.
 
 ``installed()`` builds (or finds) the emulated module and, until it exits, makes the
 backend named ``"cuda"`` of the registry this one, so that ``backend="cuda"`` in the
-public API runs the real kernels' code on CPU tensors. Every gradient and statistics
-buffer the forward allocates is filled with NaN first, so an element the kernels fail to
-write shows up.
+public API runs the real kernels' code on CPU tensors. Every buffer the kernels write
+(gradient, statistics, losses, partial sums, the row count) is filled first (NaN; -12345
+for integers), so an element the kernels fail to write shows up.
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ def _poisoned(allocate):
         return buffers
 
     return saved
+
+
+def _poisoned_empty(shape, dtype, device):
+    """cuda._empty filled first (NaN, or for integers a count no batch has), so that an
+    element the kernels do not write shows."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    return buffer.fill_(float("nan") if dtype.is_floating_point else -12345)
 
 
 def _families() -> dict:
@@ -75,6 +82,7 @@ def installed(asan: bool | None = None):
         patch.setattr(cuda_backend, "_launch", lambda device: {"device": 0, "stream": 0})
         patch.setattr(cuda_backend, "_softmax_saved", _poisoned(cuda_backend._softmax_saved))
         patch.setattr(cuda_backend, "_multilabel_saved", _poisoned(cuda_backend._multilabel_saved))
+        patch.setattr(cuda_backend, "_empty", _poisoned_empty)
         patch.setitem(_registry._BACKENDS, "cuda", backend)
         yield module
 
