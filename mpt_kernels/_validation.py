@@ -143,8 +143,8 @@ def check_kernel_shape(backend: str, logits: Tensor) -> None:
         raise ValueError(f"the {backend} backend takes at most {MAX_KERNEL_CLASSES} classes per row, "
                          f"got {num_classes}")
     if num_rows > MAX_KERNEL_ROWS:
-        raise ValueError(f"the {backend} backend takes at most {MAX_KERNEL_ROWS} rows (one program per row), "
-                         f"got {num_rows}")
+        raise ValueError(f"the {backend} backend takes at most {MAX_KERNEL_ROWS} rows (its kernels launch one "
+                         f"program or block per row), got {num_rows}")
 
 
 def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:

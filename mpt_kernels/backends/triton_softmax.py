@@ -936,7 +936,8 @@ def _streams(args: SoftmaxLossArgs) -> list:
 class _Plan(NamedTuple):
     """What the forward and the backward kernel share: the terms present, the columns
     read, the bias mode and the launch configuration. (A NamedTuple: both directions
-    build one on every call, and a frozen dataclass of ten fields takes about 1 µs to construct, a NamedTuple 0.25 µs.)"""
+    build one on every call, and a frozen dataclass of ten fields takes about 1 µs to
+    construct, a NamedTuple 0.25 µs.)"""
 
     has_ce: bool
     has_old: bool
