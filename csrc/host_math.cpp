@@ -45,13 +45,13 @@ float logsumexp(const float* values, int64_t n, int lanes, int slot) {
     Lse2& s = states[lane_of(j, lanes, slot)];
     float shift = 0.0f;
     lse2_raise(s, values[j], kLog2e, shift);
-    s.sum += fast_exp2(values[j] * kLog2e - shift);
+    s.sum += exp2_against(values[j], kLog2e, shift);
   }
   const Lse2 total = tree_merge(states, [](Lse2 a, const Lse2& b) {
     lse2_merge_into(a, b, kLog2e);
     return a;
   });
-  return lse2_log2(total, kLog2e) * kLn2;
+  return (lse2_state_shift(total, kLog2e) + log2f(total.sum)) * kLn2;
 }
 
 void multilabel(const MultilabelParams& params, const float* x, const uint8_t* positive, int64_t n, float scale,

@@ -30,15 +30,29 @@ namespace mpt {
 
 constexpr float kLn2 = 0.6931471805599453f;
 
-// a * b rounded once, never fused into a neighbouring add: both shifts of a rescale must
-// round alike, so that the factor is exactly 1 while the maximum stays put.
-MPT_HD float mul_rn(float a, float b) {
+// a * b rounded up (toward +inf), never fused into a neighbouring add. It makes the
+// shifts of the online log-sum-exp: shift >= max·scale, so exp2_against(x, scale, shift)
+// <= 1 for every x <= max, also where max·scale is so large that its rounding error is
+// huge (a mask of finfo.min at τ = 5: 1e38·0.29, an error near 1e31; rounded to nearest,
+// the max's own exponential was exp2(+1e31) = inf half the time). And a rescale factor
+// exp2(mul_ru(max, scale) - shift') is exactly 1 while the maximum stays put (both
+// rounded alike; a product the compiler contracts into an FMA is exact instead).
+MPT_HD float mul_ru(float a, float b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  return __fmul_ru(a, b);
 #else
-  return a * b;
+  const float nearest = a * b;  // the host rounds to nearest: up where that went down
+  return static_cast<double>(nearest) < static_cast<double>(a) * static_cast<double>(b) ? nextafterf(nearest, kInf)
+                                                                                          : nearest;
 #endif
 }
+
+// exp2(x·scale - shift) from the exact product (one FMA, on the host too): where x is near
+// the maximum the argument is small, so the exponential keeps float32's relative precision
+// whatever |x|·scale is; it is at most 1 for x <= max (mul_ru). The statistics and the
+// gradient take every exponential so, against the same shifts, so that softmax_j =
+// exp2(x_j·scale - shift) / Σ is as precise as they are.
+MPT_HD float exp2_against(float x, float scale, float shift) { return fast_exp2(fmaf(x, scale, -shift)); }
 
 // --------------------------------------------------------------------------- options
 enum Focus : int { kFocusAll = 0, kFocusRefCorrect = 1, kFocusNegFlip = 2, kFocusStudentWrong = 3 };
@@ -102,11 +116,11 @@ struct RowLayout {
 };
 
 // --------------------------------------------------------------------------- online log-sum-exp, base 2
-// The running max of values v and Σ exp2(v·scale - shift), shift = the max times scale,
-// at least -FLT_MAX: never -inf, so that exp2(v·scale - shift) is never exp2(-inf + inf)
-// = NaN, neither while the max is -inf (every class masked) nor where a mask of
-// finfo(dtype).min times log2(e)/τ overflows; such classes add exp2(-inf) = 0 (against
-// the row's real max, as in the reference). A NaN is dropped by the max but reaches the
+// The running max of values v and Σ exp2(v·scale - shift), shift = the max times scale
+// rounded up (mul_ru), at least -FLT_MAX: never -inf, so that exp2(v·scale - shift) is
+// never exp2(-inf + inf) = NaN, neither while the max is -inf (every class masked) nor
+// where a mask of finfo(dtype).min times log2(e)/τ overflows; such classes add
+// exp2(-inf) = 0 (against the row's real max, as in the reference). A NaN is dropped by the max but reaches the
 // sum through its exponential, so it propagates.
 struct Lse2 {
   float max;
@@ -115,7 +129,7 @@ struct Lse2 {
 
 MPT_HD Lse2 lse2_empty() { return {-kInf, 0.0f}; }
 
-MPT_HD float lse2_shift(float max, float scale) { return fmaxf(mul_rn(max, scale), -kFloatMax); }
+MPT_HD float lse2_shift(float max, float scale) { return fmaxf(mul_ru(max, scale), -kFloatMax); }
 
 // Brings the state's sum onto a new maximum, max(state, chunk_max); returns the factor
 // applied (0 while the state was empty) and stores the new shift, which the chunk's
@@ -123,7 +137,7 @@ MPT_HD float lse2_shift(float max, float scale) { return fmaxf(mul_rn(max, scale
 MPT_HD float lse2_raise(Lse2& s, float chunk_max, float scale, float& shift) {
   const float m = fmaxf(s.max, chunk_max);
   shift = lse2_shift(m, scale);
-  const float factor = fast_exp2(mul_rn(s.max, scale) - shift);  // exp2(-inf) = 0 while empty
+  const float factor = fast_exp2(mul_ru(s.max, scale) - shift);  // exp2(-inf) = 0 while empty
   s.sum *= factor;
   s.max = m;
   return factor;
@@ -142,14 +156,14 @@ struct MergeFactors {
 MPT_HD MergeFactors lse2_merge_into(Lse2& a, const Lse2& b, float scale) {
   const float m = fmaxf(a.max, b.max);
   const float shift = lse2_shift(m, scale);
-  const MergeFactors f{fast_exp2(mul_rn(a.max, scale) - shift), fast_exp2(mul_rn(b.max, scale) - shift)};
+  const MergeFactors f{fast_exp2(mul_ru(a.max, scale) - shift), fast_exp2(mul_ru(b.max, scale) - shift)};
   a.sum = a.sum * f.a + b.sum * f.b;
   a.max = m;
   return f;
 }
 
-// log2 Σ exp2(v·scale): -inf when empty
-MPT_HD float lse2_log2(const Lse2& s, float scale) { return lse2_shift(s.max, scale) + log2f(s.sum); }
+// The shift a state's sum is relative to: log2 Σ exp2(v·scale) = shift + log2(sum).
+MPT_HD float lse2_state_shift(const Lse2& s, float scale) { return lse2_shift(s.max, scale); }
 
 // --------------------------------------------------------------------------- per-thread state
 // One thread's share of a row: running statistics over the columns of its slots.
@@ -232,7 +246,7 @@ MPT_HD void add_distill(const SoftmaxRowConsts& c, const SlotValues<VEC>& s, con
   if (c.p.kl) {
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float p = fast_exp2(r[e] * c.kt - shift);
+      const float p = exp2_against(r[e], c.kt, shift);
       teacher_sum += p;
       distill += p == 0.0f ? 0.0f : p * (r[e] - s.z[e]);
     }
@@ -326,13 +340,11 @@ MPT_HD void chunk_statistics(SoftmaxThreadState& t, const SoftmaxRowConsts& c, c
       const SlotValues<VEC> s = slot(k);
       if (!s.present) break;
       if (p.has_ce) {
-        if (c.bias_vector) {
+        // z̃ = z + Δ rounded to float32 once, as the reference's, then exponentiated exactly
+        const float delta = slot_delta(c, s);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) t.ce.sum += fast_exp2((s.z[e] + s.delta[e]) * kLog2e - ce_shift);
-        } else {
-          const float offset = slot_delta(c, s) * kLog2e - ce_shift;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) t.ce.sum += fast_exp2(s.z[e] * kLog2e + offset);
+        for (int e = 0; e < VEC; ++e) {
+          t.ce.sum += exp2_against(s.z[e] + (c.bias_vector ? s.delta[e] : delta), kLog2e, ce_shift);
         }
       }
       if (smoothing) {
@@ -347,7 +359,7 @@ MPT_HD void chunk_statistics(SoftmaxThreadState& t, const SoftmaxRowConsts& c, c
         const float shift = s.span.old_segment ? z_old_shift : z_new_shift;
         float sum = 0.0f;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) sum += fast_exp2(s.z[e] * c.kt - shift);
+        for (int e = 0; e < VEC; ++e) sum += exp2_against(s.z[e], c.kt, shift);
         if (s.span.old_segment) {
           t.student_old.sum += sum;
         } else {
@@ -388,30 +400,40 @@ MPT_HD SoftmaxThreadState thread_state_merge(SoftmaxThreadState a, const Softmax
 // --------------------------------------------------------------------------- the row
 // What the gradient sweep needs once a row is reduced, saved by the forward for every
 // counted row (kSoftmaxStatFloats float32) so that the backward redoes the sweep alone.
-// LSEs are base 2 (log2 Σ exp2(v·scale)); a coefficient holds the row's share of the
-// reduction (1/count for "mean"), the term's weight and focal weight, and S/τ or 1/K.
-struct SoftmaxRowStats {
-  float lse_ce;
-  float coef_ce;
-  float lse_student_old;
-  float lse_teacher_old;
-  float coef_old;
-  float lse_student_new;
-  float lse_teacher_new;
-  float coef_new;
+// A softmax enters as the shift its exponentials were taken against (base 2) and its
+// sum's reciprocal folded into a coefficient: coef · softmax(v)_j = (coef/Σ) ·
+// exp2_against(v_j, scale, shift). (A rounded LSE = shift + log2 Σ subtracted instead lost
+// float32 precision in proportion to |v|·scale: a relative error about 1e-4 near 1e4.)
+// coef holds the row's share of the reduction (1/count for "mean"), the term's weight
+// and focal weight, and S/τ (kl) or 1/K (lm).
+struct SourceStats {
+  float student_shift;  // kl: the student's s/τ over the source's columns
+  float teacher_shift;  // kl: the teacher's r/τ
+  float student;        // kl: coef/Σ_student; lm: coef, of (z - r)
+  float teacher;        // kl: coef/Σ_teacher; lm: unused
 };
 
-constexpr int kSoftmaxStatFloats = 8;
+struct SoftmaxRowStats {
+  float ce_shift;  // z̃ at log2(e)
+  float ce_exp;    // coef/Σ, of the softmax
+  float ce_coef;   // coef, of the one-hot and the smoothing
+  SourceStats old_source;
+  SourceStats new_source;
+};
+
+constexpr int kSoftmaxStatFloats = 11;
 static_assert(sizeof(SoftmaxRowStats) == kSoftmaxStatFloats * sizeof(float), "stats are whole floats");
 
 MPT_HD void store_row_stats(const SoftmaxRowStats& s, float* out) {
-  const float values[kSoftmaxStatFloats] = {s.lse_ce, s.coef_ce, s.lse_student_old, s.lse_teacher_old,
-                                            s.coef_old, s.lse_student_new, s.lse_teacher_new, s.coef_new};
+  const float values[kSoftmaxStatFloats] = {
+      s.ce_shift, s.ce_exp, s.ce_coef,
+      s.old_source.student_shift, s.old_source.teacher_shift, s.old_source.student, s.old_source.teacher,
+      s.new_source.student_shift, s.new_source.teacher_shift, s.new_source.student, s.new_source.teacher};
   for (int k = 0; k < kSoftmaxStatFloats; ++k) out[k] = values[k];
 }
 
 MPT_HD SoftmaxRowStats load_row_stats(const float* in) {
-  return {in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]};
+  return {in[0], in[1], in[2], {in[3], in[4], in[5], in[6]}, {in[7], in[8], in[9], in[10]}};
 }
 
 // The row's own values at its target y: z_y, Δ_y and the teachers' r_y (0 where absent),
@@ -476,20 +498,27 @@ struct SoftmaxRowResult {
   SoftmaxRowStats stats;
 };
 
-// One source's λ w d (its loss term); sets its LSE and coefficient in the stats.
-MPT_HD float source_finish(const SoftmaxRowConsts& c, float weight, float w, int width, const Lse2& teacher,
-                           float distill, float lse_student, float scale, float& lse_teacher, float& coef) {
+// One source's λ w d (its loss term); sets its SourceStats. `student`: the student's
+// state over the source's columns.
+MPT_HD float source_finish(const SoftmaxRowConsts& c, float weight, float w, int width, const Lse2& student,
+                           const Lse2& teacher, float distill, float scale, SourceStats& out) {
   const SoftmaxRowParams& p = c.p;
+  const float coef = scale * weight * w;
   if (p.kl) {
-    lse_teacher = lse2_log2(teacher, c.kt);
-    // KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c), a = r/τ, c = z/τ; ∂/∂z_j = (S/τ)(q_j - p_j)
-    const float kl = p.inv_tau * distill / teacher.sum - (lse_teacher - lse_student) * kLn2;
-    coef = scale * weight * w * p.kl_scale * p.inv_tau;
+    out.student_shift = lse2_state_shift(student, c.kt);
+    out.teacher_shift = lse2_state_shift(teacher, c.kt);
+    // KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c), a = r/τ, c = z/τ, the LSEs'
+    // difference taken shifts first; ∂/∂z_j = (S/τ)(q_j - p_j), 1/Σ folded into the factors
+    const float lse_difference =
+        (out.teacher_shift - out.student_shift) + (log2f(teacher.sum) - log2f(student.sum));
+    const float kl = p.inv_tau * distill / teacher.sum - lse_difference * kLn2;
+    const float factor = coef * p.kl_scale * p.inv_tau;
+    out.student = factor / student.sum;
+    out.teacher = factor / teacher.sum;
     return weight * w * p.kl_scale * kl;
   }
   // (1/(2K)) Σ (z_j - r_j)²; ∂/∂z_j = (z_j - r_j)/K
-  lse_teacher = 0.0f;
-  coef = scale * weight * w / static_cast<float>(width);
+  out.student = coef / static_cast<float>(width);
   return weight * w * distill / (2.0f * static_cast<float>(width));
 }
 
@@ -502,42 +531,60 @@ MPT_HD SoftmaxRowResult row_finish(const SoftmaxThreadState& s, const SoftmaxRow
   SoftmaxRowStats& r = result.stats;
   float loss = 0.0f;
   if (p.has_ce) {
-    r.lse_ce = lse2_log2(s.ce, kLog2e);
-    // in natural units from the row max itself: a row of one class has LSE = z̃ exactly
-    const float lse = (s.ce.max == -kInf ? 0.0f : s.ce.max) + log2f(s.ce.sum) * kLn2;
+    r.ce_shift = lse2_state_shift(s.ce, kLog2e);
+    // LSE - z̃_y = (max - z̃_y) + ln Σ exp(z̃ - max), in that order: the parts of size |z̃|
+    // cancel first. Σ exp(z̃ - max) is the sum against the shift over the max's own term
+    // there, exp2(max·log2(e) - shift), taken as the sweep took it: a row of one class
+    // gives exactly 1, so loss 0 (also ln 0 = -inf for a row of -inf, where max is 0).
+    const float finite_max = s.ce.max == -kInf ? 0.0f : s.ce.max;
+    const float log_sum = log2f(s.ce.sum / exp2_against(finite_max, kLog2e, r.ce_shift)) * kLn2;
     const float eps = p.label_smoothing;
-    const float nll = lse - (at_y.z + at_y.delta);
+    const float nll = (finite_max - (at_y.z + at_y.delta)) + log_sum;
     // (1-ε)(LSE - z̃_y) + (ε/C) Σ_j (LSE - z̃_j); skipped at ε = 0, where 0 · inf would be
     // NaN on a masked class, as in the reference
-    const float ce = eps == 0.0f ? nll : (1.0f - eps) * nll + eps * (lse - s.ce_sum / static_cast<float>(p.num_classes));
+    const float ce =
+        eps == 0.0f
+            ? nll
+            : (1.0f - eps) * nll + eps * ((finite_max - s.ce_sum / static_cast<float>(p.num_classes)) + log_sum);
     loss += p.ce_weight * ce;
-    r.coef_ce = scale * p.ce_weight;
+    r.ce_coef = scale * p.ce_weight;
+    r.ce_exp = r.ce_coef / s.ce.sum;
   }
   if (p.has_old || p.has_new) {
     const float z_max_old = s.student_old.max;
     const float z_max_all = fmaxf(s.student_old.max, s.student_new.max);
     Lse2 student_all = s.student_old;
     lse2_merge_into(student_all, s.student_new, c.kt);
-    r.lse_student_old = p.kl ? lse2_log2(s.student_old, c.kt) : 0.0f;
-    r.lse_student_new = p.kl ? lse2_log2(student_all, c.kt) : 0.0f;
     const float prefix_z = fmaxf(s.prefix_z, at_y.z_before);
     if (p.has_old) {
       const float prefix_old = fmaxf(s.prefix_old, at_y.r_old_before);
       const float w = focal_weight(p, is_argmax(at_y.r_old, s.teacher_old.max, prefix_old, y, p.num_old_classes),
                                    is_argmax(at_y.z, z_max_old, prefix_z, y, p.num_old_classes));
-      loss += source_finish(c, p.old_weight, w, p.num_old_classes, s.teacher_old, s.distill_old, r.lse_student_old,
-                            scale, r.lse_teacher_old, r.coef_old);
+      loss += source_finish(c, p.old_weight, w, p.num_old_classes, s.student_old, s.teacher_old, s.distill_old,
+                            scale, r.old_source);
     }
     if (p.has_new) {
       const float prefix_new = fmaxf(s.prefix_new, at_y.r_new_before);
       const float w = focal_weight(p, is_argmax(at_y.r_new, s.teacher_new.max, prefix_new, y, p.num_classes),
                                    is_argmax(at_y.z, z_max_all, prefix_z, y, p.num_classes));
-      loss += source_finish(c, p.new_weight, w, p.num_classes, s.teacher_new, s.distill_new, r.lse_student_new,
-                            scale, r.lse_teacher_new, r.coef_new);
+      loss += source_finish(c, p.new_weight, w, p.num_classes, student_all, s.teacher_new, s.distill_new,
+                            scale, r.new_source);
     }
   }
   result.loss = loss;
   return result;
+}
+
+// One KL source's (S/τ)(q_j - p_j) times the upstream gradient, added to a slot's g.
+template <int VEC>
+MPT_HD void add_kl_gradient(const SoftmaxRowConsts& c, const SourceStats& source, float upstream,
+                            const float (&z)[VEC], const float (&r)[VEC], float (&g)[VEC]) {
+  const float student = upstream * source.student, teacher = upstream * source.teacher;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    g[e] += student * exp2_against(z[e], c.kt, source.student_shift) -
+            teacher * exp2_against(r[e], c.kt, source.teacher_shift);
+  }
 }
 
 // The gradient of one slot's columns: Σ over the terms of coef · ∂/∂z_j (the coefficients
@@ -549,17 +596,16 @@ MPT_HD void slot_gradient(const SoftmaxRowConsts& c, const SoftmaxRowStats& r, f
 #pragma unroll
   for (int e = 0; e < VEC; ++e) g[e] = 0.0f;
   if (p.has_ce) {
-    // coef (p_j - ε/C - [j = y](1 - ε))
-    const float coef = upstream * r.coef_ce;
+    // coef (softmax(z̃)_j - ε/C - [j = y](1 - ε)), the softmax's 1/Σ folded into ce_exp
+    const float exp_coef = upstream * r.ce_exp;
+    const float coef = upstream * r.ce_coef;
     const float eps = p.label_smoothing;
     const float base = -coef * eps / static_cast<float>(p.num_classes);
-    const float offset = slot_delta(c, s) * kLog2e - r.lse_ce;
-    if (c.bias_vector) {
+    const float delta = slot_delta(c, s);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) g[e] = coef * fast_exp2((s.z[e] + s.delta[e]) * kLog2e - r.lse_ce) + base;
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) g[e] = coef * fast_exp2(s.z[e] * kLog2e + offset) + base;
+    for (int e = 0; e < VEC; ++e) {
+      const float biased = s.z[e] + (c.bias_vector ? s.delta[e] : delta);
+      g[e] = exp_coef * exp2_against(biased, kLog2e, r.ce_shift) + base;
     }
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
@@ -568,40 +614,35 @@ MPT_HD void slot_gradient(const SoftmaxRowConsts& c, const SoftmaxRowStats& r, f
   }
   // per slot, never per element: which sources the slot has (the old one only on old slots)
   const bool old_here = p.has_old && s.span.old_segment;
-  const float coef_old = upstream * r.coef_old;
-  const float coef_new = upstream * r.coef_new;
+  const SourceStats& o = r.old_source;
+  const SourceStats& n = r.new_source;
   if (p.kl) {
-    // (S/τ)(q_j - p_j) per source. Where both are needed, the student's q over all classes
-    // is its q over the old ones times 2^(LSE_old - LSE_all) <= 1: one exponential
+    // (S/τ)(q_j - p_j) per source. Where both are needed, the student's exponential
+    // against the old columns' shift serves both, times 2^(shift_old - shift_all) <= 1
     if (old_here && p.has_new) {
-      const float to_all = fast_exp2(r.lse_student_old - r.lse_student_new);
+      const float student = upstream * (o.student + n.student * fast_exp2(o.student_shift - n.student_shift));
+      const float teacher_old = upstream * o.teacher, teacher_new = upstream * n.teacher;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float q_old = fast_exp2(s.z[e] * c.kt - r.lse_student_old);
-        g[e] += coef_old * (q_old - fast_exp2(s.r_old[e] * c.kt - r.lse_teacher_old));
-        g[e] += coef_new * (q_old * to_all - fast_exp2(s.r_new[e] * c.kt - r.lse_teacher_new));
+        g[e] += student * exp2_against(s.z[e], c.kt, o.student_shift) -
+                teacher_old * exp2_against(s.r_old[e], c.kt, o.teacher_shift) -
+                teacher_new * exp2_against(s.r_new[e], c.kt, n.teacher_shift);
       }
     } else if (old_here) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        g[e] += coef_old * (fast_exp2(s.z[e] * c.kt - r.lse_student_old) -
-                            fast_exp2(s.r_old[e] * c.kt - r.lse_teacher_old));
-      }
+      add_kl_gradient(c, o, upstream, s.z, s.r_old, g);
     } else if (p.has_new) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        g[e] += coef_new * (fast_exp2(s.z[e] * c.kt - r.lse_student_new) -
-                            fast_exp2(s.r_new[e] * c.kt - r.lse_teacher_new));
-      }
+      add_kl_gradient(c, n, upstream, s.z, s.r_new, g);
     }
   } else {
     if (old_here) {
+      const float coef = upstream * o.student;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) g[e] += coef_old * (s.z[e] - s.r_old[e]);
+      for (int e = 0; e < VEC; ++e) g[e] += coef * (s.z[e] - s.r_old[e]);
     }
     if (p.has_new) {
+      const float coef = upstream * n.student;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) g[e] += coef_new * (s.z[e] - s.r_new[e]);
+      for (int e = 0; e < VEC; ++e) g[e] += coef * (s.z[e] - s.r_new[e]);
     }
   }
 }

@@ -10,13 +10,13 @@ of classes against the group's own max got +inf there, then inf · 0 = NaN when 
 met the row's max). ``width`` classes at the start of a row cover at least one whole
 group (a Triton block, a CUDA thread's slots) of every kernel.
 
-Known limit, not tested here: the kernels take exponentials in base 2 with log2(e)/τ
-folded into one multiply-add, so values below -FLT_MAX·τ/log2(e) (finfo.min at
-τ < 1.44, or in the cross-entropy) are as if absent. Where some class of the segment is
-above that (every case here) that is what the reference computes too (probability 0);
-a segment with no such class (a whole old-teacher row of finfo.min at τ = 1) comes out
-as empty, NaN, where the reference gives a uniform softmax. ``width`` must therefore
-stay below K.
+Known limit (tested by ``rows_at_the_float32_minimum``): the kernels take each
+exponential against a shift of max·log2(e)/τ rounded up, from the exact product, so in a
+segment whose max·log2(e)/τ is beyond about 2^30 in magnitude every exponential
+underflows. Where some class of the segment is a real logit (every case here), a mask
+is as if absent, which is what the reference computes too (probability 0); a segment
+with no such class (a whole row of finfo.min) is NaN or infinite, where the reference
+gives a uniform softmax. ``width`` must therefore stay below K.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ def masked_with_finite_values(z, y, old, new, width: int):
 
 
 def rows_at_the_float32_minimum(backend: str, fn, device) -> list:
-    """The documented limit (README, "Decisions"): the fused kernels keep each softmax's
-    statistics against max·log2(e)/τ, so a segment whose largest logit is near
-    finfo(float32).min is wrong. ``fn(loss_name, backend, *inputs, **options)`` computes
-    (loss with reduction="none", gradient). In 3 rows, row 1 is masked: a whole student
-    row of finfo.min in the cross-entropy, a whole teacher row of it at τ = 1 and at
-    τ = 5. Rows 0 and 2 must match the reference (an AssertionError otherwise); returns
+    """The documented limit (README, "Decisions", Precision): in a softmax whose largest
+    logit·log2(e)/τ is beyond about 2^30 in magnitude the fused kernels' exponentials all
+    underflow, so it is NaN or infinite. ``fn(loss_name, backend, *inputs, **options)``
+    computes (loss with reduction="none", gradient). In 3 rows, row 1 is masked: a whole
+    student row of finfo.min in the cross-entropy, a whole teacher row of it at τ = 1 and
+    at τ = 5. Rows 0 and 2 must match the reference (an AssertionError otherwise); returns
     the cases whose row 1 differs from it (non-finite, or off by more than 1e-3
     relative). Tests expect every case to differ until the limit is fixed."""
     g = torch.Generator().manual_seed(0)

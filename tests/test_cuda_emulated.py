@@ -39,6 +39,7 @@ from test_cuda_backend import (  # noqa: F401  (collected here as well)
     test_focal_distillation_with_fewer_reference_classes,
     test_hill_and_splc_dtypes,
     test_hill_parameters,
+    test_large_logits_keep_float32_precision,
     test_ignored_rows_keep_zero_gradient_for_a_nan_upstream,
     test_long_rows_from_shared_memory_or_read_twice,
     test_margin_cross_entropy,

@@ -28,10 +28,11 @@ and round once to the logits' dtype (the kernels round a gradient scaled by an u
 gradient other than 1 twice), so each value gets the relative tolerance ``ROUNDING`` of
 its dtype (float32: 2e-5, a few dozen ulps of differently ordered arithmetic; half
 types: three units of their own rounding). On top of that, float32 arithmetic on large
-intermediates loses absolute accuracy that no implementation can recover: a
-log-sum-exp of values of size M, or the one-sweep KL identity
-``Σ p (a - c) - LSE(a) + LSE(c)``, is exact to about ``eps · M`` only, and a probability
-``exp(x - LSE)`` has a relative error of about ``eps · M``. So a row's loss gets an
+intermediates loses absolute accuracy: a log-sum-exp of values of size M, or the
+one-sweep KL identity ``Σ p (a - c) - LSE(a) + LSE(c)`` (the kernels' KL loss), is exact
+to about ``eps · M`` only, and the reference's probabilities, from ``s/τ`` rounded to
+float32, have a relative error of about ``eps · M`` (the kernels' do not: they take
+their exponentials from exact products, against the max). So a row's loss gets an
 absolute slack of ``16 · eps · T_i`` and its gradient ``G_i · (tol + 16 · eps · M_i)``,
 where M_i is the size of the row's exponent arguments (|z̃|, |s|/τ, |r|/τ, plus
 log C), T_i the loss terms' weights times M_i, and G_i the size of the row's

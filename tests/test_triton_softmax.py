@@ -623,6 +623,19 @@ def test_masked_with_finite_values(dtype):
     assert torch.isfinite(loss).all()
 
 
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_large_logits_keep_float32_precision(offset):
+    """Logits near 1e3 or 1e4 (one offset on the student and both teachers, which no
+    softmax sees) at τ = 1: loss and gradient at the usual float32 tolerance. Exponentials
+    taken against a rounded LSE lost precision in proportion to |z|·log2(e)/τ (a gradient
+    2.5e-4 off, relative to its largest entry, at 1e4)."""
+    z, y, old, new = make_inputs(121)
+    check("mpt_loss", z + offset, y, old + offset, new + offset, tau=1.0, new_class_bias=4.0, label_smoothing=0.1,
+          reduction="none")
+    # the cross-entropy alone, whose loss subtracted z̃_y from an LSE near 1e4 (4e-5 off)
+    check("margin_cross_entropy", z + offset, y, reduction="none")
+
+
 @pytest.mark.parametrize("focus", ["neg_flip", "student_wrong"])
 def test_negative_logits(focus):
     """Every logit far below 0: no statistic may treat 0 as "nothing seen yet" (a max or

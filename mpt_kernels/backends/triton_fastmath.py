@@ -10,8 +10,9 @@ and rcp, but an *absolute* error of about 2^-22 for lg2 (so log(1 + e) for a sma
 must not come from it: see triton_multilabel._log1p_of_unit), and subnormal results
 flushed to zero (a value below 1.2e-38 that no loss or gradient of ours distinguishes
 from 0 at the tolerances the reference is held to). The logarithm and the exponential in
-base 2 let callers fold log2(e) into constants they already multiply by. ``mul_rn`` is a
-multiply the compiler may not fuse into an FMA (see its docstring).
+base 2 let callers fold log2(e) into constants they already multiply by. ``mul_ru`` is a
+multiply rounded up that the compiler may not fuse into an FMA, and ``fma`` one that it
+must (see their docstrings).
 
 Under the Triton interpreter (CPU tests) inline assembly cannot run: the same functions
 are the exact ``tl.math`` ones there. ``HARDWARE`` is fixed when this module is imported,
@@ -27,7 +28,7 @@ from .triton_interpreter import interpreter_enabled
 
 HARDWARE = tl.constexpr(not interpreter_enabled())
 # Launch options of every kernel of ours. The kernels are written for contracted
-# multiply-adds (mul_rn marks the products that must not be): Triton 3.9 warns that its
+# multiply-adds (mul_ru marks the products that must not be): Triton 3.9 warns that its
 # default turns fusion off in 3.10, so it is asked for explicitly.
 LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
@@ -41,21 +42,41 @@ def _ptx(x, INSTRUCTION: tl.constexpr):
 
 
 @triton.jit
-def mul_rn(x, y):
-    """x·y rounded to float32 and never fused into an FMA with the operation that uses it.
+def _float64(x):
+    """x as float32, then float64 (a constant too): the interpreter's exact products."""
+    return tl.cast(tl.cast(x, tl.float32), tl.float64)
 
-    The compiler contracts ``a * b - c`` into fma(a, b, -c), which uses the exact product.
-    Where two products must round alike, that breaks an identity: an online log-sum-exp
-    keeps its sum relative to ``shift = round(m·scale)`` and rescales it by
-    ``exp2(m·scale - shift')`` when the max m moves; fused, that factor is 2^(ε) rather
-    than exactly 1 while m stays, ε being m·scale's rounding error, and it compounds over
-    every block of the row (a float32 log-sum-exp 1e-5 to 1e-4 off at C = 131072 on the
-    H200, reproduced by a NumPy emulation of the fused arithmetic).
+
+@triton.jit
+def mul_ru(x, y):
+    """x·y rounded up (toward +inf) to float32, never fused into an FMA with the operation
+    that uses it.
+
+    It makes the shifts of an online log-sum-exp: ``shift = mul_ru(m, scale)`` is at least
+    m·scale, so exp2(fma(x, scale, -shift)) <= 1 for every x <= m, also where m·scale is
+    so large (a mask of finfo.min at τ = 5: 1e38) that its rounding error is 1e31: rounded
+    to nearest, the max's own exponential was exp2(+1e31) = inf half the time. And the
+    rescale factor exp2(mul_ru(m, scale) - shift') of a running sum is exactly 1 while the
+    max m stays (both products rounded alike; the compiler would contract a plain product
+    into an FMA with the exact one, and the factor would drift).
     """
     if HARDWARE:
-        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [x, y], dtype=tl.float32,
+        return tl.inline_asm_elementwise("mul.rp.f32 $0, $1, $2;", "=f,f,f", [x, y], dtype=tl.float32,
                                          is_pure=True, pack=1)
-    return x * y
+    exact = _float64(x) * _float64(y)
+    nearest = exact.to(tl.float32)
+    bits = nearest.to(tl.int32, bitcast=True)
+    above = tl.where(nearest < 0, bits - 1, bits + 1).to(tl.float32, bitcast=True)  # the next float up
+    return tl.where(nearest.to(tl.float64) < exact, above, nearest)
+
+
+@triton.jit
+def fma(x, y, z):
+    """x·y + z from the exact product: one FMA on a GPU; in the interpreter (whose Triton
+    3.6 rounds the product first) in float64, where a product of two float32 is exact."""
+    if HARDWARE:
+        return tl.fma(x, y, z)
+    return (_float64(x) * _float64(y) + _float64(z)).to(tl.float32)
 
 
 @triton.jit

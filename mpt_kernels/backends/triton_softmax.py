@@ -23,8 +23,8 @@ kernel serves all three. One program handles one row ``i``:
 2. Gradient sweep (only when autograd will want it, ``_gradient_sweep``):
    ``dL_i/dz_ij`` for an upstream gradient of 1 (``1/count`` folded in for ``"mean"``),
    computed in float32 and written once in the logits' dtype; the row's statistics that
-   sweep needs (the CE's LSE, each source's two LSEs, each term's coefficient: float32,
-   ``NUM_STATS`` per row) are saved too.
+   sweep needs (each softmax's shift and each term's coefficients, see RowGradient:
+   float32, ``NUM_STATS`` per row) are saved too.
 
 Where the gradient is made: in the forward, for an upstream gradient of 1. The inputs
 are swept twice either way (no ``dL/dz_ij`` is known before the row's statistics are
@@ -134,19 +134,32 @@ class RowStats(NamedTuple):
     new: SourceStats
 
 
-# What the gradient sweep needs of a row, per term: the CE's LSE; each source's LSE(s/τ)
-# and LSE(r/τ) (base 2); each term's coefficient: row scale, weights and focal weight,
-# for an upstream gradient of 1. The forward saves them (NUM_STATS floats); the backward
-# loads them with its upstream gradient multiplied in (_load_row_stats).
+# What the gradient sweep needs of a row, for an upstream gradient of 1. Each softmax
+# enters as the shift its statistics sweep took exponentials against and its sum's
+# reciprocal folded into a coefficient: softmax(v)_j times c is exp2(v_j·scale - shift)
+# times c/Σ, with exp2(v_j·scale - shift) computed as in that sweep (one FMA from the exact
+# product), so the gradient is as precise as the exponentials are. (Subtracting a rounded
+# LSE = shift + log2 Σ instead lost float32 precision in proportion to |v|·scale: a
+# relative error about 1e-4 at logits near 1e4, 5e-6 near 100.)
+# - CE: ``ce_shift``, ``ce_exp`` = coef/Σ (the softmax's coefficient) and ``ce_coef`` (the
+#   one-hot's and the smoothing's), coef = row scale · λ_ce;
+# - each source: the student's and the teacher's shifts, and coef/Σ_student, coef/Σ_teacher
+#   for KL (coef = row scale · λ · w · S/τ); for LM, ``*_student`` holds coef = row scale ·
+#   λ · w / K of (s - r) and the rest is unused.
+# The forward saves them (NUM_STATS floats); the backward loads them with its upstream
+# gradient multiplied into the coefficients (_load_row_stats).
 class RowGradient(NamedTuple):
-    lse_ce: tl.tensor
-    coef_ce: tl.tensor
-    lse_c_old: tl.tensor
-    lse_a_old: tl.tensor
-    coef_old: tl.tensor
-    lse_c_new: tl.tensor
-    lse_a_new: tl.tensor
-    coef_new: tl.tensor
+    ce_shift: tl.tensor
+    ce_exp: tl.tensor
+    ce_coef: tl.tensor
+    old_student_shift: tl.tensor
+    old_teacher_shift: tl.tensor
+    old_student: tl.tensor
+    old_teacher: tl.tensor
+    new_student_shift: tl.tensor
+    new_teacher_shift: tl.tensor
+    new_student: tl.tensor
+    new_teacher: tl.tensor
 
 
 @triton.jit
@@ -157,13 +170,14 @@ def _tile(start, VEC: tl.constexpr, ROWS: tl.constexpr):
 
 @triton.jit
 def _shift(m, scale):
-    """m·scale, the exponent the exponentials of a running max m are taken against, at
-    least -FLT_MAX: never -inf, so that exp2(x·scale - shift) is never exp2(-inf + inf) =
+    """m·scale rounded up (so that no exponential against it exceeds 1, fm.mul_ru), the
+    exponent the exponentials of a running max m are taken against, at least -FLT_MAX:
+    never -inf, so that exp2(x·scale - shift) is never exp2(-inf + inf) =
     NaN, neither while every class seen is -inf (masked) nor where a mask of
     finfo(dtype).min times log2(e)/τ overflows. Such classes then add exp2(-inf) = 0
     (against the row's real max, as the reference's). A NaN logit that max() dropped
     still reaches l through exp2(NaN - shift), so NaN propagates either way."""
-    return tl.maximum(fm.mul_rn(m, scale), -_FLT_MAX)
+    return tl.maximum(fm.mul_ru(m, scale), -_FLT_MAX)
 
 
 @triton.jit
@@ -174,30 +188,39 @@ def _rescaled(x, factor):
 
 
 @triton.jit
-def _online_lse(m, l, x, x_max, offset, scale):
-    """One block of a per-row online log-sum-exp of ``v = x + offset`` at ``scale`` (base 2).
+def _exp2_against(x, scale, shift):
+    """exp2(x·scale - shift) from the exact product (fm.fma): where x is near the max, the
+    argument is small and exact to float32's relative precision whatever |x|·scale is,
+    and at most 0 for x <= max (_shift rounds up). The statistics and the gradient sweeps
+    both take it so, against the same shifts."""
+    return tl.math.exp2(fm.fma(x, scale, -shift))
 
-    ``m``: running max of v (unscaled), ``l = Σ exp2(v·scale - shift)`` with ``shift = m·scale``;
-    ``x_max`` is ``tl.max(x, 1)``. Returns the new (m, l), the factor that rescaled the old l,
-    and exp2(v·scale - shift) per class.
+
+@triton.jit
+def _online_lse(m, l, x, x_max, scale):
+    """One block of a per-row online log-sum-exp of x at ``scale`` (base 2).
+
+    ``m``: running max of x (unscaled), ``l = Σ exp2(x·scale - shift)`` with ``shift`` =
+    m·scale rounded up (_shift); ``x_max`` is ``tl.max(x, 1)``. Returns the new (m, l), the
+    factor that rescaled the old l, and exp2(x·scale - shift) per class.
     """
-    m_new = tl.maximum(m, x_max + offset)
-    # Both shifts rounded alike (fm.mul_rn): the factor is exactly 1 while the max stays.
+    m_new = tl.maximum(m, x_max)
+    # Both shifts rounded alike (fm.mul_ru): the factor is exactly 1 while the max stays.
     shift = _shift(m_new, scale)
-    rescale = tl.math.exp2(fm.mul_rn(m, scale) - shift)  # 0 while m = -inf (then l = 0 too)
-    e = tl.math.exp2(x * scale + (-shift + offset * scale)[:, None])
+    rescale = tl.math.exp2(fm.mul_ru(m, scale) - shift)  # 0 while m = -inf (then l = 0 too)
+    e = _exp2_against(x, scale, shift[:, None])
     return m_new, l * rescale + tl.sum(e, 1), rescale, e
 
 
 @triton.jit
 def _lse_total(m, l, scale):
-    """Combines the rows of _online_lse: (log2 Σ_j exp2(v_j·scale), the row's sum relative
-    to its shift, and each tile row's factor onto that shift)."""
+    """Combines the rows of _online_lse: (the row's shift, its sum Σ_j exp2(v_j·scale -
+    shift), and each tile row's factor onto that shift). LSE = shift + log2(sum) in base 2."""
     row_max = tl.max(m, 0)
     shift = _shift(row_max, scale)
-    factor = tl.math.exp2(fm.mul_rn(m, scale) - shift)  # 0 for a tile row that saw only -inf (l = 0)
+    factor = tl.math.exp2(fm.mul_ru(m, scale) - shift)  # 0 for a tile row that saw only -inf (l = 0)
     total = tl.sum(l * factor, 0)
-    return shift + tl.math.log2(total), total, factor
+    return shift, total, factor
 
 
 @triton.jit
@@ -237,6 +260,16 @@ def _class_bias(bias_ptr, bias_stride, cols, mask, num_old, new_class_bias, BIAS
 
 
 @triton.jit
+def _biased(z, bias_ptr, bias_stride, cols, mask, offset, BIAS: tl.constexpr):
+    """z̃ = z + Δ over a block: the bias vector's entries (BIAS == 1), else ``offset`` (b in
+    the new classes' blocks, 0 elsewhere)."""
+    if BIAS == 1:
+        return z + tl.load(bias_ptr + cols * bias_stride, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return z + offset
+
+
+@triton.jit
 def _empty_lse(ROWS: tl.constexpr):
     return OnlineLse(tl.full([ROWS], _NEG_INF, tl.float32), tl.zeros([ROWS], tl.float32))
 
@@ -255,7 +288,7 @@ def _teacher_stats_step(source, z, r, mask, start, y, kt, IS_KL: tl.constexpr, B
     sq_sum = source.sq
     r_max = tl.max(r, 1)
     if IS_KL:
-        m_a, l_a, rescale, p = _online_lse(m_a, l_a, r, r_max, 0.0, kt)
+        m_a, l_a, rescale, p = _online_lse(m_a, l_a, r, r_max, kt)
         # Σ exp2(a_j - shift)(r_j - s_j), rescaled with the teacher's running max (times 1/τ
         # later: a - c = (r - s)/τ); a class with p_j = 0 adds 0, also where the student
         # is -inf there too.
@@ -285,17 +318,13 @@ def _stats_block(
     z = tl.load(z_row + cols, mask=mask, other=_NEG_INF).to(tl.float32)
     z_max = tl.max(z, 1)
     if HAS_CE:
-        if BIAS == 1:
-            z_biased = z + tl.load(bias_ptr + cols * bias_stride, mask=mask, other=0.0).to(tl.float32)
-            m_ce, l_ce, unused_rescale, unused_e = _online_lse(m_ce, l_ce, z_biased, tl.max(z_biased, 1),
-                                                               0.0, _LOG2E)
-        else:
-            z_biased = z + offset
-            m_ce, l_ce, unused_rescale, unused_e = _online_lse(m_ce, l_ce, z, z_max, offset, _LOG2E)
+        # z̃ = z + Δ rounded to float32 once, as the reference's, then exponentiated exactly
+        z_biased = _biased(z, bias_ptr, bias_stride, cols, mask, offset, BIAS)
+        m_ce, l_ce, unused_rescale, unused_e = _online_lse(m_ce, l_ce, z_biased, tl.max(z_biased, 1), _LOG2E)
         sum_biased += tl.sum(tl.where(mask, z_biased, 0.0), 1)
     # The student over the block's columns serves both sources (its statistics over the
     # old columns are the old source's; the compiler drops what no term uses).
-    m_z, l_c, unused_rescale, unused_e = _online_lse(stats.student.m, stats.student.l, z, z_max, 0.0, kt)
+    m_z, l_c, unused_rescale, unused_e = _online_lse(stats.student.m, stats.student.l, z, z_max, kt)
     prefix_z = _prefix_max(stats.prefix_z, m_z, start, y, BLOCK_C)
     if OLD_HERE:
         r_old = tl.load(old_row + cols, mask=mask, other=_NEG_INF).to(tl.float32)
@@ -322,73 +351,88 @@ def _focal_weight(ref_is_y, student_is_y, alpha, beta, FOCUS_REF: tl.constexpr, 
 
 
 @triton.jit
-def _distill_row(lse2_c, source, width, inv_tau, kt, kl_scale, IS_KL: tl.constexpr):
-    """One source's d_i and what its gradient needs: (d, LSE(a) in base 2, factor of ∂d/∂s).
-    ``lse2_c`` is the student's LSE(s/τ) in base 2 over the source's columns; ``source``
-    its SourceStats."""
+def _distill_row(student, source, width, inv_tau, kt, kl_scale, IS_KL: tl.constexpr):
+    """One source's d_i and what its gradient needs: (d, the student's shift, the teacher's
+    shift, the factors of ∂d/∂s on the student's and the teacher's exponentials). ``student`` is the
+    student's OnlineLse of s/τ over the source's columns; ``source`` its SourceStats."""
     if IS_KL:
-        lse2_a, total_a, factor = _lse_total(source.teacher.m, source.teacher.l, kt)
+        shift_c, total_c, unused_factor = _lse_total(student.m, student.l, kt)
+        shift_a, total_a, factor = _lse_total(source.teacher.m, source.teacher.l, kt)
         kl_total = tl.sum(_rescaled(source.kl, factor), 0)
-        # KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c); ∂/∂s_j = (S/τ)(q_j - p_j)
-        d = kl_scale * (inv_tau * kl_total / total_a - (lse2_a - lse2_c) * _LN2)
-        return d, lse2_a, kl_scale * inv_tau
+        # KL = Σ softmax(a)_j (a_j - c_j) - LSE(a) + LSE(c), the LSEs' difference taken
+        # shifts first; ∂/∂s_j = (S/τ)(q_j - p_j), q and p with 1/Σ folded into the factors
+        lse_difference = (shift_a - shift_c) + (tl.math.log2(total_a) - tl.math.log2(total_c))
+        d = kl_scale * (inv_tau * kl_total / total_a - lse_difference * _LN2)
+        return d, shift_c, shift_a, kl_scale * inv_tau / total_c, kl_scale * inv_tau / total_a
     else:
-        # (1/(2K)) Σ (s_j - r_j)²; ∂/∂s_j = (s_j - r_j)/K (the LSEs are unused)
-        return tl.sum(source.sq, 0) / (2 * width), 0.0, 1.0 / width
+        # (1/(2K)) Σ (s_j - r_j)²; ∂/∂s_j = (s_j - r_j)/K (no shifts)
+        return tl.sum(source.sq, 0) / (2 * width), 0.0, 0.0, 1.0 / width, 0.0
 
 
 @triton.jit
-def _distill_grad(z, r, lse2_c, lse2_a, coef, kt, IS_KL: tl.constexpr):
-    """coef · (q - p) for KL, coef · (s - r) for LM (coef holds w, λ, S/τ or 1/K)."""
+def _distill_grad(z, r, student_shift, teacher_shift, student, teacher, kt, IS_KL: tl.constexpr):
+    """KL: student · exp2(s·kt - its shift) - teacher · exp2(r·kt - its shift), i.e.
+    coef · (q - p); LM: student · (s - r) (see RowGradient)."""
     if IS_KL:
-        return coef * (tl.math.exp2(z * kt - lse2_c) - tl.math.exp2(r * kt - lse2_a))
+        return student * _exp2_against(z, kt, student_shift) - teacher * _exp2_against(r, kt, teacher_shift)
     else:
-        return coef * (z - r)
+        return student * (z - r)
 
 
 # A row's RowGradient as the forward saves it for a backward (float32, in field order).
-NUM_STATS = tl.constexpr(8)
+NUM_STATS = tl.constexpr(11)
+_CE_STATS = tl.constexpr(0)  # shift, exp, coef
+_OLD_STATS = tl.constexpr(3)  # student shift, teacher shift, student, teacher
+_NEW_STATS = tl.constexpr(7)
 
 
 @triton.jit
 def _store_row_stats(stats_row, gradient, HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr):
     if HAS_CE:
-        tl.store(stats_row + 0, gradient.lse_ce)
-        tl.store(stats_row + 1, gradient.coef_ce)
+        tl.store(stats_row + _CE_STATS, gradient.ce_shift)
+        tl.store(stats_row + _CE_STATS + 1, gradient.ce_exp)
+        tl.store(stats_row + _CE_STATS + 2, gradient.ce_coef)
     if HAS_OLD:
-        tl.store(stats_row + 2, gradient.lse_c_old)
-        tl.store(stats_row + 3, gradient.lse_a_old)
-        tl.store(stats_row + 4, gradient.coef_old)
+        _store_source_stats(stats_row + _OLD_STATS, gradient.old_student_shift, gradient.old_teacher_shift,
+                            gradient.old_student, gradient.old_teacher)
     if HAS_NEW:
-        tl.store(stats_row + 5, gradient.lse_c_new)
-        tl.store(stats_row + 6, gradient.lse_a_new)
-        tl.store(stats_row + 7, gradient.coef_new)
+        _store_source_stats(stats_row + _NEW_STATS, gradient.new_student_shift, gradient.new_teacher_shift,
+                            gradient.new_student, gradient.new_teacher)
+
+
+@triton.jit
+def _store_source_stats(at, student_shift, teacher_shift, student, teacher):
+    tl.store(at, student_shift)
+    tl.store(at + 1, teacher_shift)
+    tl.store(at + 2, student)
+    tl.store(at + 3, teacher)
+
+
+@triton.jit
+def _load_source_stats(at, g):
+    """(student shift, teacher shift, student · g, teacher · g) of a source."""
+    return tl.load(at), tl.load(at + 1), g * tl.load(at + 2), g * tl.load(at + 3)
 
 
 @triton.jit
 def _load_row_stats(stats_row, g, HAS_CE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_NEW: tl.constexpr):
     """The RowGradient _store_row_stats wrote, its coefficients times the upstream
     gradient ``g`` (float32); 0 for an absent term."""
-    lse_ce = 0.0
-    coef_ce = 0.0
-    lse_c_old = 0.0
-    lse_a_old = 0.0
-    coef_old = 0.0
-    lse_c_new = 0.0
-    lse_a_new = 0.0
-    coef_new = 0.0
+    ce_shift, ce_exp, ce_coef = 0.0, 0.0, 0.0
+    old_student_shift, old_teacher_shift, old_student, old_teacher = 0.0, 0.0, 0.0, 0.0
+    new_student_shift, new_teacher_shift, new_student, new_teacher = 0.0, 0.0, 0.0, 0.0
     if HAS_CE:
-        lse_ce = tl.load(stats_row + 0)
-        coef_ce = g * tl.load(stats_row + 1)
+        ce_shift = tl.load(stats_row + _CE_STATS)
+        ce_exp = g * tl.load(stats_row + _CE_STATS + 1)
+        ce_coef = g * tl.load(stats_row + _CE_STATS + 2)
     if HAS_OLD:
-        lse_c_old = tl.load(stats_row + 2)
-        lse_a_old = tl.load(stats_row + 3)
-        coef_old = g * tl.load(stats_row + 4)
+        old_student_shift, old_teacher_shift, old_student, old_teacher = _load_source_stats(
+            stats_row + _OLD_STATS, g)
     if HAS_NEW:
-        lse_c_new = tl.load(stats_row + 5)
-        lse_a_new = tl.load(stats_row + 6)
-        coef_new = g * tl.load(stats_row + 7)
-    return RowGradient(lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new)
+        new_student_shift, new_teacher_shift, new_student, new_teacher = _load_source_stats(
+            stats_row + _NEW_STATS, g)
+    return RowGradient(ce_shift, ce_exp, ce_coef, old_student_shift, old_teacher_shift, old_student, old_teacher,
+                       new_student_shift, new_teacher_shift, new_student, new_teacher)
 
 
 @triton.jit
@@ -400,36 +444,37 @@ def _gradient_block(
 ):
     """The gradient of the classes [lo, hi) of the block at ``start`` (see _stats_block),
     from the row's RowGradient."""
-    (lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new) = gradient
     cols = _tile(start, VEC, ROWS)
     mask = (cols >= lo) & (cols < hi)
     grad = tl.zeros([ROWS, VEC], dtype=tl.float32)
     if HAS_CE or OLD_HERE or HAS_NEW:
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_CE:
-            if BIAS == 1:
-                z_biased = z + tl.load(bias_ptr + cols * bias_stride, mask=mask, other=0.0).to(tl.float32)
-                p = tl.math.exp2(z_biased * _LOG2E - lse_ce)
-            else:
-                p = tl.math.exp2(z * _LOG2E + (offset * _LOG2E - lse_ce))
-            one_hot = tl.where(cols == y, 1.0 - label_smoothing, 0.0)
-            grad = coef_ce * (p - one_hot - label_smoothing * inv_num_classes)
+            # coef · (softmax(z̃)_j - (1-ε)[j = y] - ε/C), the softmax's 1/Σ folded into ce_exp
+            z_biased = _biased(z, bias_ptr, bias_stride, cols, mask, offset, BIAS)
+            smoothing = gradient.ce_coef * (label_smoothing * inv_num_classes)
+            target = gradient.ce_coef * (1.0 - label_smoothing) + smoothing
+            grad = gradient.ce_exp * _exp2_against(z_biased, _LOG2E, gradient.ce_shift) - tl.where(
+                cols == y, target, smoothing)
         if OLD_HERE and HAS_NEW and IS_KL:
-            # both sources: the student's q over all classes is its q over the old ones
-            # times 2^(LSE_old - LSE_all) <= 1, one exponential for both
+            # both sources: the student's exponential against the old columns' shift serves
+            # both, times 2^(shift_old - shift_all) <= 1 for the whole row's softmax
             r_old = tl.load(old_row + cols, mask=mask, other=0.0).to(tl.float32)
             r_new = tl.load(new_row + cols, mask=mask, other=0.0).to(tl.float32)
-            q_old = tl.math.exp2(z * kt - lse_c_old)
-            q_new = q_old * tl.math.exp2(lse_c_old - lse_c_new)
-            grad += coef_old * (q_old - tl.math.exp2(r_old * kt - lse_a_old))
-            grad += coef_new * (q_new - tl.math.exp2(r_new * kt - lse_a_new))
+            q_old = _exp2_against(z, kt, gradient.old_student_shift)
+            to_all = tl.math.exp2(gradient.old_student_shift - gradient.new_student_shift)
+            grad += ((gradient.old_student + gradient.new_student * to_all) * q_old
+                     - gradient.old_teacher * _exp2_against(r_old, kt, gradient.old_teacher_shift)
+                     - gradient.new_teacher * _exp2_against(r_new, kt, gradient.new_teacher_shift))
         else:
             if OLD_HERE:
                 r_old = tl.load(old_row + cols, mask=mask, other=0.0).to(tl.float32)
-                grad += _distill_grad(z, r_old, lse_c_old, lse_a_old, coef_old, kt, IS_KL)
+                grad += _distill_grad(z, r_old, gradient.old_student_shift, gradient.old_teacher_shift,
+                                      gradient.old_student, gradient.old_teacher, kt, IS_KL)
             if HAS_NEW:
                 r_new = tl.load(new_row + cols, mask=mask, other=0.0).to(tl.float32)
-                grad += _distill_grad(z, r_new, lse_c_new, lse_a_new, coef_new, kt, IS_KL)
+                grad += _distill_grad(z, r_new, gradient.new_student_shift, gradient.new_teacher_shift,
+                                      gradient.new_student, gradient.new_teacher, kt, IS_KL)
     tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=mask)
 
 
@@ -552,46 +597,50 @@ def _row_terms(
     prefix_z = tl.max(stats.prefix_z, 0)
     student_is_y_old = _is_argmax(z_at_y, tl.max(stats.student_old.m, 0), prefix_z, y, num_old)
     student_is_y_new = _is_argmax(z_at_y, tl.max(stats.student.m, 0), prefix_z, y, num_classes)
-    lse_ce = 0.0
-    coef_ce = 0.0
-    lse_c_old = 0.0
-    lse_a_old = 0.0
-    coef_old = 0.0
-    lse_c_new = 0.0
-    lse_a_new = 0.0
-    coef_new = 0.0
+    ce_shift, ce_exp, ce_coef = 0.0, 0.0, 0.0
+    old_student_shift, old_teacher_shift, old_student, old_teacher = 0.0, 0.0, 0.0, 0.0
+    new_student_shift, new_teacher_shift, new_student, new_teacher = 0.0, 0.0, 0.0, 0.0
     row_loss = 0.0
     if HAS_CE:
-        lse_ce, total_ce, unused_factor = _lse_total(stats.ce.m, stats.ce.l, _LOG2E)  # base 2: the gradient's
-        # the loss's LSE in natural units from the row max itself (max + ln Σ exp(z̃ - max)),
-        # not lse_ce · ln 2: a row of one class then has LSE = z̃ exactly, and loss 0
+        ce_shift, total_ce, unused_factor = _lse_total(stats.ce.m, stats.ce.l, _LOG2E)
+        # LSE - z̃_y = (max - z̃_y) + ln Σ exp(z̃ - max), in that order: the parts of size |z̃|
+        # cancel first. Σ exp(z̃ - max) is the sum against the shift over the max's own term
+        # there, exp2(max·log2(e) - shift), taken as the sweep took it: a row of one class
+        # gives exactly 1, so loss 0 (also ln 0 = -inf for a row of -inf, where max is 0).
         row_max_ce = tl.max(stats.ce.m, 0)
-        lse_ce_natural = tl.where(row_max_ce == _NEG_INF, 0.0, row_max_ce) + tl.math.log2(total_ce) * _LN2
+        finite_max = tl.where(row_max_ce == _NEG_INF, 0.0, row_max_ce)
+        log_sum = tl.math.log2(total_ce / _exp2_against(finite_max, _LOG2E, ce_shift)) * _LN2
         z_target = z_at_y + _class_bias(bias_ptr, bias_stride, y, target_ok, num_old, new_class_bias, BIAS)
-        nll = lse_ce_natural - z_target
+        nll = (finite_max - z_target) + log_sum
         # (ε/C) Σ_j (LSE - z̃_j); skipped at ε = 0, where 0 · inf would be NaN on masked classes
         smoothing = tl.where(label_smoothing == 0.0, 0.0,
-                             label_smoothing * (lse_ce_natural - tl.sum(stats.sum_biased, 0) / num_classes))
+                             label_smoothing * ((finite_max - tl.sum(stats.sum_biased, 0) / num_classes) + log_sum))
         row_loss += ce_weight * ((1.0 - label_smoothing) * nll + smoothing)
-        coef_ce = row_scale * ce_weight
+        ce_coef = row_scale * ce_weight
+        ce_exp = ce_coef / total_ce
     if HAS_OLD:
-        lse_c_old, unused_total, unused_factor = _lse_total(stats.student_old.m, stats.student_old.l, kt)
         r_at_y = tl.load(old_row + y, mask=target_ok & (y < num_old), other=0.0).to(tl.float32)
         ref_is_y = _is_argmax(r_at_y, tl.max(stats.old.teacher.m, 0), tl.max(stats.old.prefix, 0), y, num_old)
         w_old = _focal_weight(ref_is_y, student_is_y_old, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
-        d_old, lse_a_old, d_factor_old = _distill_row(lse_c_old, stats.old, num_old, inv_tau, kt, kl_scale, IS_KL)
+        d_old, old_student_shift, old_teacher_shift, old_student, old_teacher = _distill_row(
+            stats.student_old, stats.old, num_old, inv_tau, kt, kl_scale, IS_KL)
         row_loss += old_weight * w_old * d_old
-        coef_old = row_scale * old_weight * w_old * d_factor_old
+        coef_old = row_scale * old_weight * w_old
+        old_student *= coef_old
+        old_teacher *= coef_old
     if HAS_NEW:
         r_at_y = tl.load(new_row + y, mask=target_ok, other=0.0).to(tl.float32)
         ref_is_y = _is_argmax(r_at_y, tl.max(stats.new.teacher.m, 0), tl.max(stats.new.prefix, 0), y, num_classes)
         w_new = _focal_weight(ref_is_y, student_is_y_new, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
-        lse_c_new, unused_total, unused_factor = _lse_total(stats.student.m, stats.student.l, kt)
-        d_new, lse_a_new, d_factor_new = _distill_row(lse_c_new, stats.new, num_classes, inv_tau, kt, kl_scale, IS_KL)
+        d_new, new_student_shift, new_teacher_shift, new_student, new_teacher = _distill_row(
+            stats.student, stats.new, num_classes, inv_tau, kt, kl_scale, IS_KL)
         row_loss += new_weight * w_new * d_new
-        coef_new = row_scale * new_weight * w_new * d_factor_new
+        coef_new = row_scale * new_weight * w_new
+        new_student *= coef_new
+        new_teacher *= coef_new
     row_loss = tl.where(in_range, row_loss, float("nan"))
-    return row_loss, RowGradient(lse_ce, coef_ce, lse_c_old, lse_a_old, coef_old, lse_c_new, lse_a_new, coef_new)
+    return row_loss, RowGradient(ce_shift, ce_exp, ce_coef, old_student_shift, old_teacher_shift, old_student,
+                                 old_teacher, new_student_shift, new_teacher_shift, new_student, new_teacher)
 
 
 # --------------------------------------------------------------------------- chunked rows
@@ -620,7 +669,7 @@ def _store_lse_part(record, FIELD: tl.constexpr, lse, scale):
     """One OnlineLse of a chunk, its tile rows combined, at FIELD and FIELD + 1: the max
     and the sum relative to the max's shift. Returns the tile rows' factors onto that
     shift."""
-    unused_lse, total, factor = _lse_total(lse.m, lse.l, scale)
+    unused_shift, total, factor = _lse_total(lse.m, lse.l, scale)
     tl.store(record + FIELD, tl.max(lse.m, 0))
     tl.store(record + FIELD + 1, total)
     return factor

@@ -39,6 +39,8 @@ for trial in range(3):
 
 # ---- second look (written after call 3, not yet run on a GPU): the CE's log-sum-exp the
 # forward kernel saved for each row (base 2, stats[:, 0]) against float64, and the gradient
+# (the stats layout up to 188e381: since then stats[:, 0] is the CE's shift, not its LSE,
+# so this part needs LSE = shift + log2(Σ) rebuilt before it means anything)
 # the forward wrote for an upstream gradient of 1 (no backward recomputation involved).
 from mpt_kernels.backends import triton_softmax as TS
 
