@@ -230,10 +230,17 @@ MPT_HD void raise_prefix(float& prefix, const SlotSpan& span, float slot_max, in
   prefix = fmaxf(prefix, span.col0 + VEC <= y ? slot_max : -kInf);
 }
 
-// The bias of the CE term on a slot: the vector's, or b on a new slot.
+// The CE's bias b on a new slot, 0 on an old one (a bias vector's entries are s.delta).
 template <int VEC>
 MPT_HD float slot_delta(const SoftmaxRowConsts& c, const SlotValues<VEC>& s) {
   return s.span.old_segment ? 0.0f : c.p.new_class_bias;
+}
+
+// z̃ = z + Δ at a slot's column e, rounded to float32 once, as the reference's; `delta`
+// is slot_delta(c, s), taken once per slot.
+template <int VEC>
+MPT_HD float slot_biased(const SoftmaxRowConsts& c, const SlotValues<VEC>& s, float delta, int e) {
+  return s.z[e] + (c.bias_vector ? s.delta[e] : delta);
 }
 
 // Σ over the slot's columns of one distillation stream: kl adds exp2(r·kt - shift) to the
@@ -344,14 +351,14 @@ MPT_HD void chunk_statistics(SoftmaxThreadState& t, const SoftmaxRowConsts& c, c
         const float delta = slot_delta(c, s);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          t.ce.sum += exp2_against(s.z[e] + (c.bias_vector ? s.delta[e] : delta), kLog2e, ce_shift);
+          t.ce.sum += exp2_against(slot_biased(c, s, delta, e), kLog2e, ce_shift);
         }
       }
       if (smoothing) {
         const float delta = slot_delta(c, s);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          if (s.span.has(s.span.col0 + e)) t.ce_sum += s.z[e] + (c.bias_vector ? s.delta[e] : delta);
+          if (s.span.has(s.span.col0 + e)) t.ce_sum += slot_biased(c, s, delta, e);
         }
       }
       // the student over the old classes serves the old source, over all classes the new one
@@ -604,8 +611,7 @@ MPT_HD void slot_gradient(const SoftmaxRowConsts& c, const SoftmaxRowStats& r, f
     const float delta = slot_delta(c, s);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float biased = s.z[e] + (c.bias_vector ? s.delta[e] : delta);
-      g[e] = exp_coef * exp2_against(biased, kLog2e, r.ce_shift) + base;
+      g[e] = exp_coef * exp2_against(slot_biased(c, s, delta, e), kLog2e, r.ce_shift) + base;
     }
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {

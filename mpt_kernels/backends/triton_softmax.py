@@ -172,11 +172,11 @@ def _tile(start, VEC: tl.constexpr, ROWS: tl.constexpr):
 def _shift(m, scale):
     """m·scale rounded up (so that no exponential against it exceeds 1, fm.mul_ru), the
     exponent the exponentials of a running max m are taken against, at least -FLT_MAX:
-    never -inf, so that exp2(x·scale - shift) is never exp2(-inf + inf) =
-    NaN, neither while every class seen is -inf (masked) nor where a mask of
-    finfo(dtype).min times log2(e)/τ overflows. Such classes then add exp2(-inf) = 0
-    (against the row's real max, as the reference's). A NaN logit that max() dropped
-    still reaches l through exp2(NaN - shift), so NaN propagates either way."""
+    never -inf, so that exp2(x·scale - shift) is never exp2(-inf + inf) = NaN, neither
+    while every class seen is -inf (masked) nor where a mask of finfo(dtype).min times
+    log2(e)/τ overflows. Such classes then add exp2(-inf) = 0 (against the row's real
+    max, as the reference's). A NaN logit that max() dropped still reaches l through
+    exp2(NaN - shift), so NaN propagates either way."""
     return tl.maximum(fm.mul_ru(m, scale), -_FLT_MAX)
 
 
@@ -249,10 +249,16 @@ def _is_argmax(x_at_y, row_max, prefix_max, y, width):
 
 
 @triton.jit
+def _bias_entries(bias_ptr, bias_stride, cols, mask):
+    """The bias vector's entries Δ_cols in float32 (0 outside ``mask``)."""
+    return tl.load(bias_ptr + cols * bias_stride, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _class_bias(bias_ptr, bias_stride, cols, mask, num_old, new_class_bias, BIAS: tl.constexpr):
     """Δ_j of the CE term, in float32: a bias vector, or b on the classes j >= C_old."""
     if BIAS == 1:
-        return tl.load(bias_ptr + cols * bias_stride, mask=mask, other=0.0).to(tl.float32)
+        return _bias_entries(bias_ptr, bias_stride, cols, mask)
     elif BIAS == 2:
         return tl.where(cols >= num_old, new_class_bias, 0.0)
     else:
@@ -264,7 +270,7 @@ def _biased(z, bias_ptr, bias_stride, cols, mask, offset, BIAS: tl.constexpr):
     """z̃ = z + Δ over a block: the bias vector's entries (BIAS == 1), else ``offset`` (b in
     the new classes' blocks, 0 elsewhere)."""
     if BIAS == 1:
-        return z + tl.load(bias_ptr + cols * bias_stride, mask=mask, other=0.0).to(tl.float32)
+        return z + _bias_entries(bias_ptr, bias_stride, cols, mask)
     else:
         return z + offset
 
@@ -352,9 +358,10 @@ def _focal_weight(ref_is_y, student_is_y, alpha, beta, FOCUS_REF: tl.constexpr, 
 
 @triton.jit
 def _distill_row(student, source, width, inv_tau, kt, kl_scale, IS_KL: tl.constexpr):
-    """One source's d_i and what its gradient needs: (d, the student's shift, the teacher's
-    shift, the factors of ∂d/∂s on the student's and the teacher's exponentials). ``student`` is the
-    student's OnlineLse of s/τ over the source's columns; ``source`` its SourceStats."""
+    """One source's d_i and what its gradient needs: (d, the student's shift, the
+    teacher's shift, the factors of ∂d/∂s on the student's and the teacher's
+    exponentials). ``student`` is the student's OnlineLse of s/τ over the source's
+    columns; ``source`` its SourceStats."""
     if IS_KL:
         shift_c, total_c, unused_factor = _lse_total(student.m, student.l, kt)
         shift_a, total_a, factor = _lse_total(source.teacher.m, source.teacher.l, kt)
