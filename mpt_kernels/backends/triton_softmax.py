@@ -377,6 +377,23 @@ def _distill_row(student, source, width, inv_tau, kt, kl_scale, IS_KL: tl.conste
 
 
 @triton.jit
+def _source_terms(
+    student, source, teacher_row, y, target_ok, width, student_is_y, weight, row_scale, alpha, beta, inv_tau, kt,
+    kl_scale, IS_KL: tl.constexpr, FOCUS_REF: tl.constexpr, FOCUS_STUDENT: tl.constexpr,
+):
+    """One source's term of the row's loss, weight · w_i · d_i, with w_i its focal weight
+    (is the teacher's argmax over its ``width`` classes the target?), and what _distill_row
+    gives the gradient, the coefficients times row_scale · weight · w_i."""
+    r_at_y = tl.load(teacher_row + y, mask=target_ok & (y < width), other=0.0).to(tl.float32)
+    ref_is_y = _is_argmax(r_at_y, tl.max(source.teacher.m, 0), tl.max(source.prefix, 0), y, width)
+    w = _focal_weight(ref_is_y, student_is_y, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
+    d, student_shift, teacher_shift, student_coef, teacher_coef = _distill_row(
+        student, source, width, inv_tau, kt, kl_scale, IS_KL)
+    coef = row_scale * weight * w
+    return weight * w * d, student_shift, teacher_shift, student_coef * coef, teacher_coef * coef
+
+
+@triton.jit
 def _distill_grad(z, r, student_shift, teacher_shift, student, teacher, kt, IS_KL: tl.constexpr):
     """KL: student · exp2(s·kt - its shift) - teacher · exp2(r·kt - its shift), i.e.
     coef · (q - p); LM: student · (s - r) (see RowGradient)."""
@@ -626,25 +643,15 @@ def _row_terms(
         ce_coef = row_scale * ce_weight
         ce_exp = ce_coef / total_ce
     if HAS_OLD:
-        r_at_y = tl.load(old_row + y, mask=target_ok & (y < num_old), other=0.0).to(tl.float32)
-        ref_is_y = _is_argmax(r_at_y, tl.max(stats.old.teacher.m, 0), tl.max(stats.old.prefix, 0), y, num_old)
-        w_old = _focal_weight(ref_is_y, student_is_y_old, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
-        d_old, old_student_shift, old_teacher_shift, old_student, old_teacher = _distill_row(
-            stats.student_old, stats.old, num_old, inv_tau, kt, kl_scale, IS_KL)
-        row_loss += old_weight * w_old * d_old
-        coef_old = row_scale * old_weight * w_old
-        old_student *= coef_old
-        old_teacher *= coef_old
+        old_loss, old_student_shift, old_teacher_shift, old_student, old_teacher = _source_terms(
+            stats.student_old, stats.old, old_row, y, target_ok, num_old, student_is_y_old, old_weight, row_scale,
+            alpha, beta, inv_tau, kt, kl_scale, IS_KL, FOCUS_REF, FOCUS_STUDENT)
+        row_loss += old_loss
     if HAS_NEW:
-        r_at_y = tl.load(new_row + y, mask=target_ok, other=0.0).to(tl.float32)
-        ref_is_y = _is_argmax(r_at_y, tl.max(stats.new.teacher.m, 0), tl.max(stats.new.prefix, 0), y, num_classes)
-        w_new = _focal_weight(ref_is_y, student_is_y_new, alpha, beta, FOCUS_REF, FOCUS_STUDENT)
-        d_new, new_student_shift, new_teacher_shift, new_student, new_teacher = _distill_row(
-            stats.student, stats.new, num_classes, inv_tau, kt, kl_scale, IS_KL)
-        row_loss += new_weight * w_new * d_new
-        coef_new = row_scale * new_weight * w_new
-        new_student *= coef_new
-        new_teacher *= coef_new
+        new_loss, new_student_shift, new_teacher_shift, new_student, new_teacher = _source_terms(
+            stats.student, stats.new, new_row, y, target_ok, num_classes, student_is_y_new, new_weight, row_scale,
+            alpha, beta, inv_tau, kt, kl_scale, IS_KL, FOCUS_REF, FOCUS_STUDENT)
+        row_loss += new_loss
     row_loss = tl.where(in_range, row_loss, float("nan"))
     return row_loss, RowGradient(ce_shift, ce_exp, ce_coef, old_student_shift, old_teacher_shift, old_student,
                                  old_teacher, new_student_shift, new_teacher_shift, new_student, new_teacher)
